@@ -1,0 +1,59 @@
+"""autoprune: prune a PyTorch model to a latency budget measured on the target device.
+
+The public API is the names in ``__all__``; each lives in its own module and is imported on
+first use, so ``import autoprune`` is cheap and does no work.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # data types
+    "Structure": "autoprune.types",
+    "OpKind": "autoprune.types",
+    "LayerSpec": "autoprune.types",
+    "Layer": "autoprune.types",
+    "PrunableGroup": "autoprune.types",
+    "ModelSpec": "autoprune.types",
+    "DeviceInfo": "autoprune.types",
+    "LatencySample": "autoprune.types",
+    "PruningPlan": "autoprune.plan",
+    "GroupPlan": "autoprune.plan",
+    # stages
+    "analyze": "autoprune.analyze",
+    "apply_plan": "autoprune.executor",
+    "get_backend": "autoprune.backends",
+    "list_backends": "autoprune.backends",
+    "profile": "autoprune.profiler",
+    "LatencyTable": "autoprune.table",
+    "LatencyPredictor": "autoprune.predictor",
+    "SearchSpace": "autoprune.space",
+    "search": "autoprune.search",
+    "SearchResult": "autoprune.search",
+    "finetune": "autoprune.finetune",
+    "run_pipeline": "autoprune.pipeline",
+    "verify": "autoprune.export",
+    "export_onnx": "autoprune.export",
+    "errors": "autoprune.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if name == "errors" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

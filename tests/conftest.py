@@ -1,0 +1,40 @@
+"""Shared test setup: deterministic seeds, one intra-op thread (2-core CI machine)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tmp_tables(tmp_path):
+    """A fresh latency-table root (never the repository's shipped tables)."""
+    root = tmp_path / "latency_tables"
+    root.mkdir()
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU / TensorRT tests skip with a reason rather than fail where the hardware is absent
+    has_cuda = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = True
+    except Exception:  # noqa: BLE001
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT (pip install tensorrt; GPU only)"))
+    os.environ.setdefault("AUTOPRUNE_TEST", "1")
