@@ -278,3 +278,38 @@ def _structure(s: Structure | str) -> Structure:
         raise InvalidPlanError(
             f"unknown structure {s!r}; allowed: {', '.join(x.value for x in Structure)}"
         ) from None
+
+
+def random_plan(
+    spec: ModelSpec,
+    rng: Any,
+    structures: tuple[Structure | str, ...] | None = None,
+    alignment: int = 1,
+    min_keep_ratio: float = 0.1,
+    block_probability: float = 0.2,
+    importance: str = "l2",
+) -> PruningPlan:
+    """A random valid plan: per channel group a structure drawn from those it allows (and
+    ``structures``, if given) and a keep ratio uniform in [``min_keep_ratio``, 1]; each block
+    group removed with ``block_probability``. ``rng`` is a ``numpy.random.Generator``.
+
+    Used to spread predictor training data over the whole space and by tests.
+    """
+    wanted = None if structures is None else {_structure(s) for s in structures}
+    plan = PruningPlan(alignment=alignment, importance=importance,
+                       model_fingerprint=spec.fingerprint, model_name=spec.model_name)
+    for g in spec.groups.values():
+        if g.kind == "block":
+            if Structure.BLOCK in g.allowed and (wanted is None or Structure.BLOCK in wanted):
+                if rng.random() < block_probability:
+                    plan.groups[g.name] = GroupPlan(Structure.BLOCK)
+            continue
+        choices = [s for s in g.allowed if s != Structure.BLOCK and (wanted is None or s in wanted)]
+        if not choices:
+            continue
+        s = choices[int(rng.integers(len(choices)))]
+        if s == Structure.NONE:
+            continue
+        ratio = float(rng.uniform(min_keep_ratio, 1.0))
+        plan.groups[g.name] = GroupPlan(s, ratio)
+    return plan
