@@ -81,3 +81,8 @@ class NotFittedError(AutoPruneError):
 
 class SearchSpaceError(AutoPruneError, ValueError):
     """A search space (or YAML preset) with unknown keys, bad ranges or unknown groups."""
+
+
+class StorageError(AutoPruneError):
+    """A search storage (journal file or database) that cannot be opened or reached. The message
+    names the file or host/port (never the password) and what to check."""
