@@ -1,0 +1,163 @@
+"""``autoprune run``: the whole pipeline from the command line.
+
+    autoprune run --model torchvision.models:resnet18 --model-kwargs '{"num_classes": 10}' \\
+        --input-shape 1,3,32,32 --device onnxruntime-cpu --budget-fraction 0.5 \\
+        --data digits --pretrain-epochs 3 --run-dir runs/resnet18
+
+The model is an importable factory ``module:callable`` (called with ``--model-kwargs``), with
+optional weights (``--weights w.pt``, a state_dict loaded with ``torch.load(weights_only=True)``).
+``--data digits|mnist1d`` uses the bundled datasets for fine-tuning and accuracy; without data
+the run stops after search and verification (no fine-tuning, no accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from autoprune.errors import InvalidInputError
+
+DATASETS = ("digits", "mnist1d")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise InvalidInputError(f"--input-shape must be integers like 1,3,32,32, got {text!r}") from None
+    if not shape or any(v <= 0 for v in shape):
+        raise InvalidInputError(f"--input-shape must be positive integers, got {text!r}")
+    return shape
+
+
+def load_model(factory: str, kwargs_json: str | None = None, weights: str | None = None) -> Any:
+    """Build ``module:callable(**kwargs)`` and load an optional state_dict (weights_only)."""
+    if ":" not in factory:
+        raise InvalidInputError(
+            f"--model must be 'module:callable' (e.g. torchvision.models:resnet18), got {factory!r}"
+        )
+    mod_name, attr = factory.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InvalidInputError(f"cannot import module {mod_name!r} for --model: {e}") from None
+    fn = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise InvalidInputError(f"module {mod_name!r} has no attribute {attr!r} (--model)")
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"--model-kwargs is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise InvalidInputError("--model-kwargs must be a JSON object")
+    model = fn(**kwargs)  # type: ignore[operator]
+    if weights:
+        from autoprune.io import safe_torch_load
+
+        state = safe_torch_load(weights)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise InvalidInputError(f"--weights {weights} do not fit the model: {e}") from None
+    return model.eval()
+
+
+def data_loaders(name: str, shape: tuple[int, ...], seed: int = 0) -> tuple[Any, Any]:
+    from autoprune import data
+
+    if name == "digits":
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise InvalidInputError(f"--data digits needs a square image shape N,C,H,H, got {shape}")
+        return data.digits_loaders(size=shape[2], channels=shape[1], seed=seed)
+    if name == "mnist1d":
+        if len(shape) != 3 or shape[1:] != (1, 40):
+            raise InvalidInputError(f"--data mnist1d needs --input-shape N,1,40, got {shape}")
+        return data.mnist1d_loaders(seed=seed)
+    raise InvalidInputError(f"unknown --data {name!r}; known: {', '.join(DATASETS)}")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "run", help="analyze, profile, search, prune, fine-tune, verify and export in one go",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="importable factory, module:callable")
+    p.add_argument("--model-kwargs", default=None, help='JSON keyword arguments, e.g. \'{"num_classes": 10}\'')
+    p.add_argument("--weights", default=None, help="state_dict file (torch.load weights_only=True)")
+    p.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32")
+    p.add_argument("--device", default="onnxruntime-cpu", help="backend name")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-ms", type=float, help="latency budget in ms")
+    budget.add_argument("--budget-fraction", type=float,
+                        help="budget as a share of the dense model's measured latency (0-1)")
+    p.add_argument("--data", choices=DATASETS, default=None, help="bundled dataset for training/accuracy")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="train the dense model on --data first (when no --weights)")
+    p.add_argument("--run-dir", required=True, help="run directory (resumed if it exists)")
+    p.add_argument("--n-trials", type=int, default=60)
+    p.add_argument("--predictor-samples", type=int, default=60)
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--tables-root", default=None, help="latency table directory to reuse/extend")
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    shape = parse_shape(args.input_shape)
+    model = load_model(args.model, args.model_kwargs, args.weights)
+    example = torch.randn(*shape)
+    train_loader = val_loader = None
+    if args.data:
+        train_loader, val_loader = data_loaders(args.data, shape, args.seed)
+    if args.pretrain_epochs > 0:
+        if train_loader is None:
+            raise InvalidInputError("--pretrain-epochs needs --data")
+        weights = Path(args.run_dir) / "dense.pt"
+        from autoprune.io import atomic_torch_save, safe_torch_load
+
+        if weights.exists():
+            model.load_state_dict(safe_torch_load(weights))
+        else:
+            from autoprune.finetune import finetune
+
+            finetune(model, train_loader, epochs=args.pretrain_epochs, lr=args.lr * 5,
+                     seed=args.seed, progress=not args.quiet)
+            atomic_torch_save(model.state_dict(), weights)
+        model.eval()
+    budget_ms = args.budget_ms
+    if budget_ms is None:
+        if not 0 < args.budget_fraction < 1:
+            raise InvalidInputError(f"--budget-fraction must be in (0, 1), got {args.budget_fraction}")
+        from autoprune.backends import get_backend
+
+        dense = get_backend(args.device, threads=args.threads).measure_model(model, (example,))
+        budget_ms = args.budget_fraction * dense.median_ms
+        if not args.quiet:
+            print(f"[autoprune] dense model measured {dense}; budget "
+                  f"{args.budget_fraction:.0%} = {budget_ms:.4g} ms")
+    from autoprune.pipeline import run_pipeline
+
+    report = run_pipeline(
+        model, (example,), latency_budget_ms=budget_ms, run_dir=args.run_dir,
+        train_loader=train_loader, val_loader=val_loader, device=args.device,
+        backend_options={"threads": args.threads}, n_trials=args.n_trials,
+        predictor_samples=args.predictor_samples,
+        finetune_epochs=args.finetune_epochs if train_loader is not None else 0,
+        finetune_options={"lr": args.lr}, tables_root=args.tables_root,
+        export=not args.no_export, seed=args.seed, progress=not args.quiet,
+    )
+    print(report)
+    return 0 if report.budget_met in (True, None) else 1
