@@ -71,6 +71,7 @@ __all__ = [
 # usable on its own)
 # ---------------------------------------------------------------------------------------------
 def _masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every module whose ``weight`` carries a mask."""
     return [
         (name, m) for name, m in model.named_modules()
         if isinstance(getattr(m, "weight_mask", None), torch.Tensor)
@@ -78,61 +79,24 @@ def _masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _weight_param(module: nn.Module) -> torch.Tensor:
-    """The stored weight tensor a mask applies to (``weight_orig`` in torch.nn.utils.prune style)."""
-    w = getattr(module, "weight_orig", None)
-    return w if isinstance(w, torch.Tensor) else module.weight
+    return module.weight
 
 
 @torch.no_grad()
 def _enforce_masks(model: nn.Module) -> int:
-    """Zero every masked weight; returns how many layers carry a mask."""
-    try:
-        from autoprune import masks as _masks
+    """Zero every masked weight (``autoprune.masks.enforce``); returns how many are masked."""
+    from autoprune import masks
 
-        enforce = getattr(_masks, "enforce", None)
-    except ImportError:
-        enforce = None
-    if enforce is not None:
-        enforce(model)
-    mods = _masked_modules(model)
-    if enforce is None:
-        for _, m in mods:
-            w = _weight_param(m)
-            w.mul_(m.weight_mask.to(dtype=w.dtype, device=w.device))
-    return len(mods)
-
-
-def _fallback_hook(module: nn.Module, _inputs: Any) -> None:
-    with torch.no_grad():
-        w = _weight_param(module)
-        w.mul_(module.weight_mask.to(dtype=w.dtype, device=w.device))
+    masks.enforce(model)
+    return len(_masked_modules(model))
 
 
 @torch.no_grad()
-def _set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    """Install or replace a module's weight mask and zero the pruned weights."""
-    mask = mask.to(dtype=_weight_param(module).dtype, device=_weight_param(module).device)
-    existing = getattr(module, "weight_mask", None)
-    if isinstance(existing, torch.Tensor):
-        existing.copy_(mask)
-    else:
-        installed = False
-        try:
-            from autoprune import masks as _masks
+def _set_mask(root: nn.Module, module_path: str, mask: torch.Tensor) -> None:
+    """Install or replace the mask of ``<module_path>.weight`` and zero the pruned weights."""
+    from autoprune import masks
 
-            for fn_name in ("set_mask", "add_mask", "apply_mask"):
-                fn = getattr(_masks, fn_name, None)
-                if fn is not None:
-                    fn(module, mask)
-                    installed = True
-                    break
-        except ImportError:
-            pass
-        if not installed:
-            module.register_buffer("weight_mask", mask.clone())
-            module.register_forward_pre_hook(_fallback_hook)
-    w = _weight_param(module)
-    w.mul_(module.weight_mask)
+    masks.set_mask(root, f"{module_path}.weight" if module_path else "weight", mask)
 
 
 def _sparsity_of(model: nn.Module) -> float:
@@ -322,7 +286,7 @@ class _GradualPruner:
                 mask = _nm_mask(w, int(round(p * (m - n))), m)
             else:
                 mask = _magnitude_mask(w, p * target)
-            _set_mask(module, mask)
+            _set_mask(self.model, name, mask)
         self.last_update = step
 
     def state(self) -> dict[str, Any]:
@@ -694,12 +658,10 @@ def finetune(
 
             raise CorruptFileError(f"{ckpt_path}: checkpoint version {ck.get('version')!r} "
                                    f"is not {CHECKPOINT_VERSION}; delete it to start over")
-        # masks first: buffers named weight_mask must exist before load_state_dict
-        for name, m in base.named_modules():
-            key = f"{name}.weight_mask" if name else "weight_mask"
-            if key in ck["model"] and not isinstance(getattr(m, "weight_mask", None), torch.Tensor):
-                _set_mask(m, ck["model"][key])
-        base.load_state_dict(ck["model"])
+        # masks first (buffers must exist before load_state_dict), then the weights
+        from autoprune.masks import load_masked_state_dict
+
+        load_masked_state_dict(base, ck["model"])
         opt.load_state_dict(ck["optimizer"])
         for k in ("phase", "step", "epoch", "best_metric", "best_step", "bad_epochs",
                   "best_state", "rewind_state", "stopped_early", "done", "best_phase"):

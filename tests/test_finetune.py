@@ -14,7 +14,6 @@ from autoprune.errors import InvalidInputError
 from autoprune.finetune import (
     GradualSchedule,
     PruningCallback,
-    _nm_groups,
     _set_mask,
     cubic_sparsity,
     distillation_loss,
@@ -44,8 +43,9 @@ def _loader(shuffle: bool = False, n: int = 256) -> DataLoader:
 
 
 def _is_nm(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    g = _nm_groups((w != 0).float(), m)
-    return bool(torch.all(g.sum(-1) <= n))
+    from autoprune.masks import check_nm
+
+    return check_nm(w, n, m)
 
 
 def _install_masks(model: nn.Sequential) -> None:
@@ -53,8 +53,8 @@ def _install_masks(model: nn.Sequential) -> None:
     # 2:4 along the inputs of conv 2, 70% unstructured on the classifier
     from autoprune.finetune import _magnitude_mask, _nm_mask
 
-    _set_mask(conv, _nm_mask(conv.weight.detach(), 2, 4))
-    _set_mask(lin, _magnitude_mask(lin.weight.detach(), 0.7))
+    _set_mask(model, "3", _nm_mask(conv.weight.detach(), 2, 4))
+    _set_mask(model, "8", _magnitude_mask(lin.weight.detach(), 0.7))
 
 
 def test_masks_survive_steps_and_save_load(tmp_path):
