@@ -386,10 +386,9 @@ def run_pipeline(
         result = search(
             model, args, device=backend, latency_budget_ms=latency_budget_ms,
             evaluator=search_evaluator, n_trials=n_trials, table=table, predictor=predictor,
-            storage=f"journal:{run_dir / 'study.journal'}", **(search_options or {}),
+            run_dir=run_dir / "search", seed=seed, progress=progress, spec=spec,
+            **(search_options or {}),
         )
-        plan = result.best_plan
-        atomic_write_text(plan_path, plan.to_json())
         from autoprune.io import atomic_write_bytes
 
         atomic_write_bytes(run_dir / "trials.csv", result.trials.to_csv(index=False).encode())
@@ -397,6 +396,15 @@ def run_pipeline(
             result.plot(run_dir / "front.png")
         except Exception as e:  # noqa: BLE001 - a missing plot must not lose the search
             say(f"could not draw front.png ({type(e).__name__}: {e})")
+        if result.best_plan is None:
+            from autoprune.errors import InfeasibleBudgetError
+
+            measured = result.finalists.get("measured_latency_ms")
+            fastest = float(measured.min()) if measured is not None and len(measured) else float(
+                result.trials["predicted_latency_ms"].min())
+            raise InfeasibleBudgetError(latency_budget_ms, fastest, "; ".join(result.notes))
+        plan = result.best_plan
+        atomic_write_text(plan_path, plan.to_json())
         predicted_ms = float(predictor.predict(plan))
         state.complete(Step.SEARCH, predicted_ms=predicted_ms)
         steps[Step.SEARCH.value] = "ran"
