@@ -1,0 +1,222 @@
+"""Single-layer micro-models: a ``LayerSpec`` (with its fused ops) as a runnable ``nn.Module``.
+
+``spec.fused`` names the ops the runtime fuses into the layer, joined by ``+`` and applied in
+order after the layer, e.g. ``"bn+relu"`` (conv → BatchNorm → ReLU) or ``"bn+add+relu"``
+(conv → BatchNorm → add a residual input → ReLU). ``add`` and ``mul`` take a second model
+input of the output's shape, the way a residual block feeds them. Known tokens: see
+``FUSED_TOKENS``; an unknown token raises ``InvalidInputError`` naming it.
+
+``structure``/``density`` zero the layer's weights in the pattern that structure implies
+(2:4 along input channels per kernel position for ``nm``; random for ``unstructured``), so a
+backend that has sparse kernels can pick them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoprune.errors import InvalidInputError
+from autoprune.types import LayerSpec, OpKind, Structure
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "hardsigmoid": nn.Hardsigmoid,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "leakyrelu": nn.LeakyReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "mish": nn.Mish,
+}
+_NORMS = ("bn", "batchnorm", "ln", "layernorm")
+_BINARY = ("add", "mul")
+FUSED_TOKENS: tuple[str, ...] = tuple(sorted([*_ACTIVATIONS, *_NORMS, *_BINARY, "identity"]))
+
+
+def fused_tokens(fused: str) -> list[str]:
+    """``"bn+add+relu"`` → ``["bn", "add", "relu"]`` (also accepts commas)."""
+    toks = [t.strip().lower() for t in fused.replace(",", "+").split("+")]
+    return [t for t in toks if t and t != "identity"]
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """Keep the ``n`` largest-magnitude of every ``m`` consecutive input channels.
+
+    Groups run along dim 1 (input channels) for every output channel and kernel position, the
+    pattern sparse tensor cores and ``to_sparse_semi_structured`` expect. Trailing channels that
+    do not fill a group stay dense.
+    """
+    w = weight.detach()
+    if w.dim() < 2:
+        return torch.ones_like(w, dtype=torch.bool)
+    perm = [0, *range(2, w.dim()), 1]
+    wp = w.permute(*perm)  # (O, *kernel, I)
+    c_in = wp.shape[-1]
+    full = (c_in // m) * m
+    mask = torch.ones_like(wp, dtype=torch.bool)
+    if full:
+        g = wp[..., :full].abs().reshape(*wp.shape[:-1], full // m, m)
+        idx = g.topk(m - n, dim=-1, largest=False).indices
+        gm = torch.ones_like(g, dtype=torch.bool).scatter_(-1, idx, False)
+        mask[..., :full] = gm.reshape(*wp.shape[:-1], full)
+    inv = [0] * w.dim()
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return mask.permute(*inv).contiguous()
+
+
+def random_mask(weight: torch.Tensor, density: float, seed: int = 0) -> torch.Tensor:
+    """Exactly ``round(density * numel)`` kept entries, chosen at random (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    numel = weight.numel()
+    keep = int(round(min(max(density, 0.0), 1.0) * numel))
+    order = torch.randperm(numel, generator=gen)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask.reshape(weight.shape)
+
+
+class MicroModel(nn.Module):
+    """One layer plus its fused ops, as the runtime executes the block."""
+
+    def __init__(self, spec: LayerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        op = spec.op
+        self.tokens = fused_tokens(spec.fused)
+        for t in self.tokens:
+            if t not in FUSED_TOKENS:
+                raise InvalidInputError(
+                    f"unknown fused op {t!r} in LayerSpec.fused={spec.fused!r}; "
+                    f"known: {', '.join(FUSED_TOKENS)}"
+                )
+        if op in (OpKind.CONV1D, OpKind.DWCONV1D, OpKind.CONV2D, OpKind.DWCONV2D):
+            cls = nn.Conv1d if op in (OpKind.CONV1D, OpKind.DWCONV1D) else nn.Conv2d
+            self.layer: nn.Module | None = cls(
+                spec.in_channels, spec.out_channels, spec.kernel, stride=spec.stride,
+                padding=spec.padding, dilation=spec.dilation or 1, groups=spec.groups,
+                bias=spec.bias,
+            )
+        elif op == OpKind.LINEAR:
+            self.layer = nn.Linear(spec.in_channels, spec.out_channels, bias=spec.bias)
+        elif op == OpKind.ATTENTION:
+            if spec.groups < 1 or spec.out_channels % spec.groups:
+                raise InvalidInputError(
+                    f"attention LayerSpec needs out_channels ({spec.out_channels}) divisible by "
+                    f"groups = heads ({spec.groups})"
+                )
+            self.layer = None
+        else:  # pragma: no cover - OpKind is closed
+            raise InvalidInputError(f"no micro-model for op {op!r}")
+        self.post = nn.ModuleList()
+        n_out = spec.out_channels
+        for t in self.tokens:
+            if t in ("bn", "batchnorm"):
+                if op in (OpKind.CONV2D, OpKind.DWCONV2D):
+                    self.post.append(nn.BatchNorm2d(n_out))
+                else:
+                    self.post.append(nn.BatchNorm1d(n_out))
+            elif t in ("ln", "layernorm"):
+                self.post.append(nn.LayerNorm(n_out))
+            elif t in _ACTIVATIONS:
+                self.post.append(_ACTIVATIONS[t]())
+            else:  # add / mul: a marker, handled in forward
+                self.post.append(nn.Identity())
+        self.n_extra_inputs = sum(1 for t in self.tokens if t in _BINARY)
+
+    def forward(self, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if self.layer is None:  # attention core
+            b, s = x.shape[0], x.shape[1]
+            h = spec.groups
+            q = x.reshape(b, s, h, spec.out_channels // h).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, q, q)
+            y = y.transpose(1, 2).reshape(b, s, spec.out_channels)
+        else:
+            y = self.layer(x)
+        k = 0
+        for t, mod in zip(self.tokens, self.post):
+            if t == "add":
+                y = y + others[k]
+                k += 1
+            elif t == "mul":
+                y = y * others[k]
+                k += 1
+            elif isinstance(mod, nn.BatchNorm1d) and y.dim() > 3:
+                y = mod(y.reshape(-1, y.shape[-1])).reshape(y.shape)
+            elif isinstance(mod, nn.BatchNorm1d) and spec.op == OpKind.LINEAR and y.dim() == 3:
+                y = mod(y.transpose(1, 2)).transpose(1, 2)
+            else:
+                y = mod(y)
+        return y
+
+    def example_inputs(self, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        spec = self.spec
+        gen = torch.Generator().manual_seed(seed)
+        if spec.op.is_conv:
+            x_shape: tuple[int, ...] = (spec.batch, spec.in_channels, *spec.input_size)
+            y_shape: tuple[int, ...] = (spec.batch, spec.out_channels, *spec.output_size)
+        elif spec.op == OpKind.LINEAR:
+            x_shape = (spec.batch, *spec.input_size, spec.in_channels)
+            y_shape = (spec.batch, *spec.input_size, spec.out_channels)
+        else:
+            seq = math.prod(spec.input_size) if spec.input_size else 1
+            x_shape = (spec.batch, seq, spec.out_channels)
+            y_shape = x_shape
+        x = torch.randn(x_shape, generator=gen)
+        extra = tuple(torch.randn(y_shape, generator=gen) for _ in range(self.n_extra_inputs))
+        return (x, *extra)
+
+
+def build_micro_model(
+    spec: LayerSpec, structure: Structure | str = Structure.NONE, density: float = 1.0,
+    seed: int = 0,
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """(micro-model in eval mode with masked weights, example inputs) for one table entry."""
+    structure = normalize_structure(structure)
+    torch.manual_seed(seed)
+    model = MicroModel(spec).eval()
+    if structure in (Structure.NM, Structure.UNSTRUCTURED) and model.layer is not None:
+        w = model.layer.weight
+        if structure == Structure.NM:
+            n, m = nm_from_density(density)
+            mask = nm_mask(w, n, m)
+        else:
+            mask = random_mask(w, density, seed)
+        with torch.no_grad():
+            w.mul_(mask.to(w.dtype))
+    return model, model.example_inputs(seed)
+
+
+def normalize_structure(structure: Structure | str) -> Structure:
+    """The structure a table entry is keyed by: ``channel`` is carried by the widths (→ none);
+    ``block`` has no per-layer cost and is refused."""
+    try:
+        s = Structure(structure)
+    except ValueError:
+        raise InvalidInputError(
+            f"unknown structure {structure!r}; use one of {[x.value for x in Structure]}"
+        ) from None
+    if s == Structure.CHANNEL:
+        return Structure.NONE
+    if s == Structure.BLOCK:
+        raise InvalidInputError(
+            "structure 'block' removes layers instead of shaping one; measure the remaining "
+            "layers with structure='none'"
+        )
+    return s
+
+
+def nm_from_density(density: float, m: int = 4) -> tuple[int, int]:
+    """(n, m) for an N:M density (0.5 → 2:4)."""
+    n = max(1, min(m, int(round(density * m))))
+    return n, m

@@ -1,0 +1,315 @@
+"""``profile``: measure what every layer of a model costs on a device, at every width the search
+may choose, into a resumable ``LatencyTable``.
+
+1. The model is analysed (``autoprune.analyze``) unless a ``ModelSpec`` is given.
+2. The device's channel alignment (the latency staircase step) is detected with a short sweep of
+   one representative layer (``detect_alignment``) unless the table already records it.
+3. Work items: each unique layer configuration (``LayerSpec`` with its fused ops) × the width
+   grid of its input and output channels × the structures the backend accelerates for it.
+   The width grid of a prunable dimension (``width_grid``) is, per group, the smallest width the
+   search can keep (one alignment step), the widths at keep ratios 0.25, 0.5, 0.75 snapped to
+   the alignment, and the full width (``widths="auto"``; "fine" uses 16 ratios, "full" only the
+   dense width, a sequence gives the ratios). A fixed dimension keeps its width. Any width in
+   between is covered by ``LatencyTable.lookup(..., policy="interpolate")``: rounded up to the
+   alignment, then bilinear between the grid widths around it.
+4. Entries already in the table for this device are skipped; the rest are measured in chunks,
+   interleaved round-robin within a chunk, and the table is saved atomically after every chunk,
+   so a killed run loses at most the chunk in flight and a rerun measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from autoprune.errors import InvalidInputError, TableMismatchError
+from autoprune.measure import ProtocolSettings
+from autoprune.plan import keep_units
+from autoprune.table import LatencyTable, entry_key
+from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autoprune.backends.base import Backend
+
+WidthsOption = Literal["auto", "fine", "full"] | Sequence[float]
+AUTO_RATIOS: tuple[float, ...] = (0.25, 0.5, 0.75)
+ALIGNMENT_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+#: a short protocol for the alignment sweep (many tiny configurations, interleaved)
+SWEEP_PROTOCOL = ProtocolSettings(warmup_runs=3, min_runs=15, max_runs=40, target_rel_iqr=0.03,
+                                  time_cap_s=0.08, min_sample_ms=0.05)
+WorkItem = tuple[LayerSpec, Structure, float]
+
+
+# --------------------------------------------------------------------------------------------
+# Alignment detection
+# --------------------------------------------------------------------------------------------
+def representative_layer(spec: ModelSpec | None = None) -> LayerSpec:
+    """The layer the alignment sweep varies: the model's costliest non-depthwise conv/linear
+    (input channels capped at 64, no fused ops), or a 3x3 conv 64→64 at 8x8."""
+    if spec is not None:
+        cands = [lay.spec for lay in spec.layers.values()
+                 if lay.spec.op in (OpKind.CONV2D, OpKind.CONV1D, OpKind.LINEAR)]
+        if cands:
+            best = max(cands, key=lambda s: s.macs)
+            cin = min(best.in_channels, 64) if best.groups == 1 else best.in_channels
+            return LayerSpec(best.op, cin, best.out_channels, best.kernel, best.stride,
+                             best.padding, best.dilation, best.groups, best.input_size,
+                             best.batch, best.dtype, best.bias, "")
+    return LayerSpec(OpKind.CONV2D, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+
+
+def fit_alignment(widths: Sequence[int], latency_ms: Sequence[float],
+                  candidates: Sequence[int] = ALIGNMENT_CANDIDATES) -> tuple[int, dict[int, float]]:
+    """The staircase step that explains ``latency_ms(widths)`` best.
+
+    For each candidate step *a* the model ``latency = α + β · ceil(width / a) · a`` is fitted
+    by least squares; the step with the smallest residual wins (a = 1 means no staircase).
+    Returns (step, {step: residual sum of squares}).
+    """
+    w = np.asarray(widths, dtype=float)
+    y = np.asarray(latency_ms, dtype=float)
+    rss: dict[int, float] = {}
+    for a in candidates:
+        x = np.ceil(w / a) * a
+        design = np.stack([np.ones_like(x), x], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        if coef[1] <= 0:  # latency must grow with width
+            rss[int(a)] = float("inf")
+            continue
+        rss[int(a)] = float(((design @ coef - y) ** 2).sum())
+    finite = {a: r for a, r in rss.items() if math.isfinite(r)}
+    if not finite:
+        return 1, rss
+    best = min(finite, key=lambda a: (finite[a], a))
+    return best, rss
+
+
+def detect_alignment(
+    backend: Backend,
+    layer: LayerSpec | None = None,
+    spec: ModelSpec | None = None,
+    candidates: Sequence[int] = ALIGNMENT_CANDIDATES,
+    max_width: int | None = None,
+    protocol: ProtocolSettings | None = SWEEP_PROTOCOL,
+    return_sweep: bool = False,
+) -> int | tuple[int, dict[str, Any]]:
+    """Detect the device's output-channel step with a short sweep of one layer.
+
+    The representative layer (``layer``, else from ``spec``, see ``representative_layer``) is
+    measured at every output width 1..``max_width`` (default 3 × the largest candidate),
+    interleaved, and ``fit_alignment`` picks the step. With ``return_sweep`` also returns the
+    sweep (widths, medians, residuals) that the table records.
+    """
+    layer = layer or representative_layer(spec)
+    top = max_width or 3 * max(candidates)
+    widths = list(range(1, top + 1))
+    items: list[WorkItem] = [(layer.with_channels(layer.in_channels, w), Structure.NONE, 1.0)
+                             for w in widths]
+    if layer.op.is_depthwise:
+        items = [(layer.with_channels(w, w), Structure.NONE, 1.0) for w in widths]
+    old = backend.protocol
+    if protocol is not None:
+        backend.protocol = protocol
+    try:
+        samples = backend.measure_layers(items)
+    finally:
+        backend.protocol = old
+    med = [s.median_ms for s in samples]
+    step, rss = fit_alignment(widths, med, candidates)
+    if not return_sweep:
+        return step
+    sweep = {
+        "layer": layer.to_dict(),
+        "widths": widths,
+        "median_ms": [round(m, 6) for m in med],
+        "rss": {str(k): v for k, v in rss.items()},
+        "alignment": step,
+    }
+    return step, sweep
+
+
+# --------------------------------------------------------------------------------------------
+# Work items
+# --------------------------------------------------------------------------------------------
+def _ratios(widths: WidthsOption) -> list[float] | None:
+    if isinstance(widths, str):
+        if widths == "auto":
+            return list(AUTO_RATIOS)
+        if widths == "fine":
+            return [i / 16 for i in range(1, 16)]
+        if widths == "full":
+            return None
+        raise InvalidInputError(
+            f"widths={widths!r}; use 'auto', 'fine', 'full' or a list of keep ratios in (0, 1]"
+        )
+    ratios = [float(r) for r in widths]
+    if any(not 0 < r <= 1 for r in ratios):
+        raise InvalidInputError(f"widths={widths!r}: keep ratios must lie in (0, 1]")
+    return ratios
+
+
+def width_grid(
+    segments: Sequence[Segment], spec: ModelSpec, alignment: int, widths: WidthsOption = "auto"
+) -> list[int]:
+    """Channel counts a layer dimension made of ``segments`` is profiled at (ascending).
+
+    Each prunable channel-group segment is scaled to its smallest keepable unit count, to the
+    keep ratios of ``widths`` snapped by ``keep_units(..., alignment)`` and to full; fixed
+    segments keep their width. All segments of a dimension scale together.
+    """
+    full = sum(ch for _, ch in segments)
+    ratios = _ratios(widths)
+    prunable = [
+        (g, ch) for g, ch in segments
+        if g is not None and g in spec.groups and spec.groups[g].kind == "channel"
+        and Structure.CHANNEL in spec.groups[g].allowed
+    ]
+    if ratios is None or not prunable:
+        return [full]
+    out = {full}
+    for r in [0.0, *ratios]:
+        total = 0
+        for gname, ch in segments:
+            grp = spec.groups.get(gname) if gname is not None else None
+            if (gname, ch) not in prunable or grp is None:
+                total += ch
+                continue
+            units = grp.units
+            if r == 0.0:
+                k = keep_units(units, 1.0 / max(units, 1) * 0.5, alignment, minimum=grp.min_units)
+                k = min(k, alignment if units > alignment else k)
+                k = max(k, min(grp.min_units, units))
+            else:
+                k = keep_units(units, r, alignment, minimum=grp.min_units)
+            total += ch * k // units
+        out.add(total)
+    return sorted(w for w in out if w > 0)
+
+
+def enumerate_items(
+    spec: ModelSpec,
+    backend: Backend,
+    alignment: int,
+    widths: WidthsOption = "auto",
+    structures: Sequence[Structure | str] | None = None,
+) -> list[WorkItem]:
+    """Unique (layer spec at a grid width, structure, density) items to profile, in a stable
+    order (model order, then widths)."""
+    wanted = [Structure(s) for s in (structures or [Structure.NONE, Structure.NM])]
+    producers_nm: set[str] = set()
+    for g in spec.groups.values():
+        if Structure.NM in g.allowed:
+            producers_nm.update(g.producers)
+    seen: dict[tuple, None] = {}
+    for lay in spec.layers.values():
+        ins = width_grid(lay.in_segments, spec, alignment, widths)
+        outs = width_grid(lay.out_segments, spec, alignment, widths)
+        if lay.spec.op.is_depthwise:
+            pairs = [(w, w) for w in sorted(set(ins) | set(outs))]
+        else:
+            pairs = [(ci, co) for ci in ins for co in outs]
+        for ci, co in pairs:
+            s = lay.spec.with_channels(ci, co)
+            for st in wanted:
+                if st == Structure.NONE:
+                    seen.setdefault(entry_key(s, st, 1.0), None)
+                elif (st == Structure.NM and lay.name in producers_nm
+                      and backend.accelerates(st, s)):
+                    seen.setdefault(entry_key(s, st, 0.5), None)
+    return list(seen)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------------
+def profile(
+    model: nn.Module,
+    example_inputs: Any,
+    backend: Backend,
+    table: LatencyTable | None = None,
+    spec: ModelSpec | None = None,
+    root: str | Path | None = "latency_tables",
+    widths: WidthsOption = "auto",
+    structures: Sequence[Structure | str] | None = None,
+    progress: bool = True,
+    max_entries: int | None = None,
+    save_every: int = 8,
+    alignment: int | None = None,
+) -> LatencyTable:
+    """Profile ``model`` on ``backend`` into a latency table (resumable, incremental).
+
+    ``table``: extend this table (must be of the backend's device); default: the table in
+    ``root/<device_id>`` if there is one, else a new one saved there (``root=None``: keep it in
+    memory only). ``spec``: the model's ``ModelSpec`` (default ``autoprune.analyze``).
+    ``widths``: the width grid (see the module docstring). ``structures``: candidates besides
+    dense (default: ``nm`` where the backend accelerates it). ``max_entries``: measure at most
+    this many new entries (the rest on a later run). ``alignment``: skip detection and use
+    this step. Returns the table (saved if it has a directory).
+    """
+    from tqdm.auto import tqdm
+
+    if save_every < 1:
+        raise InvalidInputError(f"save_every={save_every}; use >= 1")
+    device = backend.device_info()
+    if table is None:
+        directory = LatencyTable.default_dir(device, root) if root is not None else None
+        if directory is not None and (directory / "table.json").exists():
+            table = LatencyTable.load(directory, expect_device=device)
+        else:
+            accel = [s for s in (Structure.NONE, Structure.NM) if backend.accelerates(s)]
+            table = LatencyTable(device, protocol=backend.protocol, structures=accel)
+            table.path = directory
+    elif table.device_id != device.device_id:
+        raise TableMismatchError(
+            f"table is for {table.device_id} but the backend is {device.device_id} (differs in "
+            f"{', '.join(device.diff(table.device)) or 'device_id'})"
+        )
+    if spec is None:
+        from autoprune.analyze import analyze
+        from autoprune.onnx_export import as_input_tuple
+
+        spec = analyze(model, as_input_tuple(example_inputs))
+    if alignment is not None:
+        table.alignment = int(alignment)
+    if table.alignment is None:
+        step, sweep = detect_alignment(backend, spec=spec, return_sweep=True)  # type: ignore[misc]
+        table.alignment = int(step)
+        table.alignment_sweep = sweep
+        if table.path is not None:
+            table.save()
+    items = enumerate_items(spec, backend, table.alignment, widths, structures)
+    todo = [it for it in items if not table.has(*it)]
+    if max_entries is not None:
+        todo = todo[: max(0, int(max_entries))]
+    bar = tqdm(total=len(todo), desc=f"profile {spec.model_name}", unit="entry",
+               disable=not progress or not todo)
+    try:
+        for start in range(0, len(todo), save_every):
+            chunk = todo[start : start + save_every]
+            samples = backend.measure_layers(chunk)
+            for (s, st, d), sample in zip(chunk, samples):
+                table.add(s, st, d, sample)
+            if table.path is not None:
+                table.save()
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    if table.path is not None and not todo:
+        table.save()
+    return table
+
+
+def missing_entries(table: LatencyTable, spec: ModelSpec, backend: Backend,
+                    widths: WidthsOption = "auto",
+                    structures: Sequence[Structure | str] | None = None) -> list[WorkItem]:
+    """Work items ``profile`` would still measure for ``spec`` into ``table``."""
+    if table.alignment is None:
+        raise InvalidInputError("the table has no alignment yet; run profile() first")
+    items = enumerate_items(spec, backend, table.alignment, widths, structures)
+    return [it for it in items if not table.has(*it)]
