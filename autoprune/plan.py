@@ -58,7 +58,10 @@ class GroupPlan:
                 f"unknown structure {self.structure!r}; allowed: {allowed}"
             ) from None
         if self.structure == Structure.NM:
-            self.keep_ratio = self.n / self.m if self.m else float("nan")
+            try:
+                self.keep_ratio = self.n / self.m
+            except (ZeroDivisionError, OverflowError, TypeError):
+                self.keep_ratio = float("nan")  # validate() names the bad n:m
         elif self.structure == Structure.NONE:
             self.keep_ratio = 1.0
         elif self.structure == Structure.BLOCK:
@@ -228,7 +231,13 @@ class PruningPlan:
             n, m = g.get("n", 2), g.get("m", 4)
             if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool):
                 raise InvalidPlanError(f"group {name!r}: n and m must be integers, got {n!r}:{m!r}")
-            groups[str(name)] = GroupPlan(g.get("structure", "none"), float(ratio), n, m)
+            try:
+                ratio = float(ratio)
+            except OverflowError:
+                raise InvalidPlanError(
+                    f"group {name!r}: keep_ratio must be in (0, 1], got {ratio!r}"
+                ) from None
+            groups[str(name)] = GroupPlan(g.get("structure", "none"), ratio, n, m)
         alignment = d.get("alignment", 1)
         alignments = d.get("alignments", {}) or {}
         if not isinstance(alignments, dict):
@@ -248,6 +257,8 @@ class PruningPlan:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidPlanError(f"plan is not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidPlanError("plan JSON is nested too deeply to be a plan") from None
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> Path:
@@ -259,7 +270,13 @@ class PruningPlan:
     def load(cls, path: str | Path) -> PruningPlan:
         path = Path(path)
         try:
-            return cls.from_json(path.read_text())
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CorruptFileError(f"{path}: plan file not found") from None
+        except UnicodeDecodeError as e:
+            raise CorruptFileError(f"{path}: not UTF-8 text ({e})") from None
+        try:
+            return cls.from_json(text)
         except InvalidPlanError as e:
             raise CorruptFileError(f"{path}: {e}") from None
 
