@@ -286,6 +286,17 @@ def _atomic_write_json(path: str, obj: Any) -> None:
         raise
 
 
+def _read_model(path: str) -> bytes:
+    """Model bytes; ``.gz`` files are decompressed."""
+    if path.endswith(".gz"):
+        import gzip
+
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def run_bundle(
     bundle_dir: str, threads: int = 1, out: Optional[str] = None,
     graph_optimization_level: str = "all", providers: Optional[Sequence[str]] = None,
@@ -332,7 +343,7 @@ def run_bundle(
         batch = todo[start : start + chunk]
         timers = []
         for e in batch:
-            sess = make_session(os.path.join(bundle_dir, e["file"]), threads,
+            sess = make_session(_read_model(os.path.join(bundle_dir, e["file"])), threads,
                                 graph_optimization_level, providers)
             call = session_timer(sess)
             n = calibrate_calls(lambda: call(), protocol.get("min_sample_ms", 0.0))

@@ -194,13 +194,13 @@ def width_grid(
 
 def enumerate_items(
     spec: ModelSpec,
-    backend: Backend,
+    backend: Backend | None,
     alignment: int,
     widths: WidthsOption = "auto",
     structures: Sequence[Structure | str] | None = None,
 ) -> list[WorkItem]:
     """Unique (layer spec at a grid width, structure, density) items to profile, in a stable
-    order (model order, then widths)."""
+    order (model order, then widths). ``backend=None``: dense entries only."""
     wanted = [Structure(s) for s in (structures or [Structure.NONE, Structure.NM])]
     producers_nm: set[str] = set()
     for g in spec.groups.values():
@@ -219,7 +219,7 @@ def enumerate_items(
             for st in wanted:
                 if st == Structure.NONE:
                     seen.setdefault(entry_key(s, st, 1.0), None)
-                elif (st == Structure.NM and lay.name in producers_nm
+                elif (st == Structure.NM and lay.name in producers_nm and backend is not None
                       and backend.accelerates(st, s)):
                     seen.setdefault(entry_key(s, st, 0.5), None)
     return list(seen)  # type: ignore[arg-type]

@@ -1,0 +1,106 @@
+"""The timing protocol: adaptive stopping, interleaving, caps, ratios, settings round trip."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from autoprune import bundle_runner as core
+from autoprune.errors import InvalidInputError
+from autoprune.measure import (
+    ProtocolSettings,
+    measure,
+    measure_interleaved,
+    measure_ratio,
+    to_sample,
+    wall_clock_timer,
+)
+
+
+def test_summarize_quantiles():
+    med, iqr, n, mn = core.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (med, iqr, n, mn) == (3.0, 2.0, 5, 1.0)
+    s = to_sample([1.0, 1.0, 1.0, 1.0])
+    assert s.median_ms == 1.0 and s.iqr_ms == 0.0 and s.n_runs == 4
+
+
+def test_stable_call_stops_at_min_runs():
+    settings = ProtocolSettings(warmup_runs=3, min_runs=12, max_runs=200, target_rel_iqr=0.05,
+                                time_cap_s=5.0)
+    s = measure(lambda: 1.0, settings)
+    assert s.n_runs == 12 and s.median_ms == 1.0
+
+
+def test_noisy_call_runs_to_max_runs():
+    noisy = itertools.cycle([1.0, 3.0, 0.5, 2.0])
+    settings = ProtocolSettings(warmup_runs=0, min_runs=8, max_runs=40, target_rel_iqr=0.01,
+                                time_cap_s=5.0)
+    s = measure(lambda: next(noisy), settings)
+    assert s.n_runs == 40
+    assert s.spread > 0.01
+
+
+def test_time_cap_stops_noisy_call_but_not_before_min_runs():
+    noisy = itertools.cycle([1.0, 3.0])
+
+    def slow() -> float:
+        time.sleep(0.002)
+        return next(noisy)
+
+    settings = ProtocolSettings(warmup_runs=0, min_runs=10, max_runs=100000,
+                                target_rel_iqr=0.0, time_cap_s=0.05)
+    t0 = time.perf_counter()
+    s = measure(slow, settings)
+    assert 10 <= s.n_runs < 100
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_interleaving_rotates_order():
+    order: list[int] = []
+
+    def call(i: int):
+        def f() -> float:
+            order.append(i)
+            return 1.0 + i
+        return f
+
+    settings = ProtocolSettings(warmup_runs=0, min_runs=3, max_runs=3, target_rel_iqr=1.0,
+                                time_cap_s=5.0)
+    samples = measure_interleaved([call(0), call(1), call(2)], settings)
+    assert [s.median_ms for s in samples] == [1.0, 2.0, 3.0]
+    # round-robin, rotated each round: every config runs once per round, first one changes
+    assert order == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+
+
+def test_ratio_protocol_pairs_alternate():
+    seq: list[str] = []
+
+    def a() -> float:
+        seq.append("a")
+        return 2.0
+
+    def b() -> float:
+        seq.append("b")
+        return 1.0
+
+    settings = ProtocolSettings(warmup_runs=0, min_runs=6, max_runs=6, target_rel_iqr=0.0,
+                                time_cap_s=5.0)
+    med, iqr = measure_ratio(a, b, settings)
+    assert med == 2.0 and iqr == 0.0
+    assert seq[:4] == ["a", "b", "b", "a"]
+
+
+def test_wall_clock_timer_measures_sleep():
+    t = wall_clock_timer(lambda: time.sleep(0.005))
+    assert 4.0 < t() < 200.0
+
+
+def test_settings_validation_and_round_trip():
+    s = ProtocolSettings(min_runs=7, max_runs=9)
+    assert ProtocolSettings.from_dict(s.to_dict()) == s
+    with pytest.raises(InvalidInputError, match="min_runs"):
+        ProtocolSettings(min_runs=10, max_runs=5)
+    with pytest.raises(InvalidInputError, match="time_cap_s"):
+        ProtocolSettings(time_cap_s=0)
