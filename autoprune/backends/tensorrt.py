@@ -128,14 +128,15 @@ def onnx_node_to_module(node_name: str) -> str | None:
     if not node_name.startswith("/"):
         return None
     scopes = [s for s in node_name.split("/") if s][:-1]  # drop the op type ("Conv", "Relu_1")
-    path = ""
+    # a child of a container is scoped "<parent scope>.<index>" ("layer1" → "layer1.0",
+    # "conv" → "conv.0" → "conv.0.0"): it replaces its parent's component instead of nesting
+    parts: list[str] = []
     for s in scopes:
-        if path and s.startswith(path + "."):
-            path = s
-        elif path and s == path:
-            continue
+        if parts and s.startswith(parts[-1] + "."):
+            parts[-1] = s
         else:
-            path = f"{path}.{s}" if path else s
+            parts.append(s)
+    path = ".".join(parts)
     return path or None
 
 
