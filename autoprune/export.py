@@ -146,15 +146,25 @@ def verify(
     budget_ms: float | None = None,
     reference: nn.Module | None = None,
     predicted_ms: float | None = None,
+    budget_fraction: float | None = None,
 ) -> VerifyReport:
     """Measure ``model`` on ``backend`` (a name or a Backend object) and report against a budget.
 
     With ``reference`` (usually the dense model) both are timed alternately and the paired
     ratio is reported; ``predicted_ms`` (e.g. ``predictor.predict(plan)``) is compared to the
-    measurement.
+    measurement. ``budget_fraction`` (instead of ``budget_ms``, needs ``reference``) sets the
+    budget to that share of the reference's latency measured now, so the verdict is
+    ``paired ratio <= budget_fraction`` and immune to the machine's speed drifting.
     """
     if budget_ms is not None and not budget_ms > 0:
         raise InvalidInputError(f"budget_ms must be > 0, got {budget_ms}")
+    if budget_fraction is not None:
+        if budget_ms is not None:
+            raise InvalidInputError("give budget_ms or budget_fraction, not both")
+        if reference is None:
+            raise InvalidInputError("budget_fraction needs reference= (the dense model)")
+        if not 0 < budget_fraction:
+            raise InvalidInputError(f"budget_fraction must be > 0, got {budget_fraction}")
     args = _as_tuple(example_inputs)
     be = _backend_of(backend)
     if hasattr(be, "is_available") and not be.is_available():
@@ -166,6 +176,8 @@ def verify(
         reference = reference.eval()
         ref_sample = be.measure_model(reference, args)
         ratio, ratio_iqr = _ratio_of(be.measure_ratio(model, reference, args))
+        if budget_fraction is not None:
+            budget_ms = budget_fraction * ref_sample.median_ms
     try:
         device = be.device_info().to_dict()
     except Exception:  # noqa: BLE001 - a report without device info is still a report

@@ -9,7 +9,7 @@ artefacts. A step is also skipped when its output is passed in (``table=``, ``pr
     run_dir/
       state.json              completed steps, dense accuracy, predicted latency, settings
       spec.json               ModelSpec from analyze
-      latency_tables/...      the latency table (or table_ref.json naming the table used)
+      table_ref.json          which latency table was used (tables live in tables_root)
       predictor.csv (+ .json) the predictor's measured plans (LatencyPredictor.load rebuilds it)
       study.journal           the Optuna study (JournalStorage), trials.csv, front.png
       plan.json               the chosen PruningPlan
@@ -68,6 +68,7 @@ class PipelineReport:
 
     run_dir: Path
     budget_ms: float
+    budget_fraction: float | None
     plan: PruningPlan
     model: nn.Module = field(repr=False)
     verify: VerifyReport | None
@@ -99,6 +100,7 @@ class PipelineReport:
         return {
             "run_dir": str(self.run_dir),
             "budget_ms": self.budget_ms,
+            "budget_fraction": self.budget_fraction,
             "budget_met": self.budget_met,
             "predicted_ms": self.predicted_ms,
             "verify": None if self.verify is None else self.verify.to_dict(),
@@ -124,7 +126,9 @@ class PipelineReport:
         v = self.verify
         lines = ["autoprune report", "================",
                  f"run directory     {self.run_dir}",
-                 f"latency budget    {self.budget_ms:.4g} ms"]
+                 f"latency budget    {self.budget_ms:.4g} ms"
+                 + (f" ({self.budget_fraction:.0%} of dense, checked as a paired ratio)"
+                    if self.budget_fraction is not None else "")]
         if v is not None:
             if v.reference is not None:
                 lines.append(f"dense   measured  {v.reference}")
@@ -246,7 +250,8 @@ def run_pipeline(
     model: nn.Module,
     example_inputs: Any,
     *,
-    latency_budget_ms: float,
+    latency_budget_ms: float | None = None,
+    budget_fraction: float | None = None,
     run_dir: str | Path,
     train_loader: Iterable[Any] | None = None,
     val_loader: Iterable[Any] | None = None,
@@ -266,6 +271,7 @@ def run_pipeline(
     distill: bool = True,
     export: bool = True,
     train_device: str = "cpu",
+    budget_headroom: float = 0.05,
     seed: int = 0,
     progress: bool = True,
 ) -> PipelineReport:
@@ -276,12 +282,27 @@ def run_pipeline(
     accuracy after BatchNorm re-calibration on ``val_loader`` (pass a held-out split of the
     training data to keep the test set out of the search). ``table``/``predictor``/``plan``
     skip the steps that would make them. ``tables_root``: where latency tables live (default
-    ``run_dir/latency_tables``; pass the repository's ``latency_tables`` to reuse shipped ones).
+    ``latency_tables`` in the working directory, shared by runs on the same device: a table
+    that already covers the model is reused, a partial one is extended).
     ``finetune_options`` go to ``autoprune.finetune`` (``lr``, ``optimizer``, ``gradual``, ...);
     with ``distill`` the dense model is the teacher.
+
+    The budget is ``latency_budget_ms`` (absolute, on the device) or ``budget_fraction`` (a share
+    of the dense model's latency on the device). With ``budget_fraction`` every check is a paired
+    ratio (candidate timed alternately with the dense model), which holds on a machine whose
+    speed drifts (shared CPUs): the search runs at ``fraction x predicted dense latency``, then
+    the feasible trials are re-measured best-proxy first and the first whose measured ratio is
+    within ``fraction x (1 - budget_headroom)`` is taken (``finalists.csv``); the headroom keeps
+    the final verification, a fresh noisy measurement, on the right side of the budget.
     """
-    if not latency_budget_ms > 0:
+    if (latency_budget_ms is None) == (budget_fraction is None):
+        raise InvalidInputError("give exactly one of latency_budget_ms and budget_fraction")
+    if latency_budget_ms is not None and not latency_budget_ms > 0:
         raise InvalidInputError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
+    if budget_fraction is not None and not 0 < budget_fraction < 1:
+        raise InvalidInputError(f"budget_fraction must be in (0, 1), got {budget_fraction}")
+    if not 0 <= budget_headroom < 0.5:
+        raise InvalidInputError(f"budget_headroom must be in [0, 0.5), got {budget_headroom}")
     if finetune_epochs > 0 and train_loader is None:
         raise InvalidInputError("fine-tuning needs train_loader (or pass finetune_epochs=0)")
     from autoprune.analyze import analyze
@@ -309,8 +330,9 @@ def run_pipeline(
     # 1. analyze (cheap: always run; checks the run directory belongs to this model) --------
     stop = timed(Step.ANALYZE)
     spec: ModelSpec = analyze(model, args)
-    settings = {"fingerprint": spec.fingerprint, "budget_ms": float(latency_budget_ms),
-                "device": device}
+    settings = {"fingerprint": spec.fingerprint, "device": device,
+                "budget_ms": None if latency_budget_ms is None else float(latency_budget_ms),
+                "budget_fraction": budget_fraction}
     old = state.get("settings")
     if old is not None and old != settings:
         raise InvalidInputError(
@@ -346,9 +368,10 @@ def run_pipeline(
         else:
             from autoprune.profiler import profile
 
-            root = Path(tables_root) if tables_root is not None else run_dir / "latency_tables"
-            say(f"profiling layers on {device} (table under {root}; resumable)")
-            table = _call_profile(profile, model, args, backend, root, progress)
+            root = Path(tables_root) if tables_root is not None else Path("latency_tables")
+            say(f"profiling layers on {device} (table under {root}/; resumable, reused by "
+                "later runs on this device)")
+            table = profile(model, args, backend, spec=spec, root=root, progress=progress)
             steps[Step.PROFILE.value] = "ran"
         _record_table(run_dir, table)
         state.complete(Step.PROFILE)
@@ -382,12 +405,18 @@ def run_pipeline(
             from autoprune.evaluators import accuracy_evaluator
 
             search_evaluator = accuracy_evaluator(val_loader, calib_loader=train_loader)
-        say(f"searching ({n_trials} trials, budget {latency_budget_ms:.4g} ms)")
+        search_budget_ms = latency_budget_ms
+        if budget_fraction is not None:
+            search_budget_ms = budget_fraction * float(predictor.predict(PruningPlan.dense(spec)))
+        say(f"searching ({n_trials} trials, budget {search_budget_ms:.4g} ms"
+            + (f" = {budget_fraction:.0%} of dense)" if budget_fraction is not None else ")"))
+        opts = dict(search_options or {})
+        if budget_fraction is not None:
+            opts["verify_finalists"] = False
         result = search(
-            model, args, device=backend, latency_budget_ms=latency_budget_ms,
+            model, args, device=backend, latency_budget_ms=search_budget_ms,
             evaluator=search_evaluator, n_trials=n_trials, table=table, predictor=predictor,
-            run_dir=run_dir / "search", seed=seed, progress=progress, spec=spec,
-            **(search_options or {}),
+            run_dir=run_dir / "search", seed=seed, progress=progress, spec=spec, **opts,
         )
         from autoprune.io import atomic_write_bytes
 
@@ -396,13 +425,18 @@ def run_pipeline(
             result.plot(run_dir / "front.png")
         except Exception as e:  # noqa: BLE001 - a missing plot must not lose the search
             say(f"could not draw front.png ({type(e).__name__}: {e})")
+        if budget_fraction is not None:
+            say("re-measuring the best candidates against the dense model (paired ratios)")
+            result.best_plan = _select_by_ratio(
+                result, model, args, spec, backend, budget_fraction * (1.0 - budget_headroom),
+                run_dir, search_budget_ms)
         if result.best_plan is None:
             from autoprune.errors import InfeasibleBudgetError
 
             measured = result.finalists.get("measured_latency_ms")
             fastest = float(measured.min()) if measured is not None and len(measured) else float(
                 result.trials["predicted_latency_ms"].min())
-            raise InfeasibleBudgetError(latency_budget_ms, fastest, "; ".join(result.notes))
+            raise InfeasibleBudgetError(search_budget_ms, fastest, "; ".join(result.notes))
         plan = result.best_plan
         atomic_write_text(plan_path, plan.to_json())
         predicted_ms = float(predictor.predict(plan))
@@ -478,7 +512,7 @@ def run_pipeline(
     else:
         say("verifying on the device (pruned and dense timed alternately)")
         vrep = verify(pruned, args, backend, budget_ms=latency_budget_ms, reference=model,
-                      predicted_ms=predicted_ms)
+                      predicted_ms=predicted_ms, budget_fraction=budget_fraction)
         atomic_write_json(verify_path, vrep.to_dict())
         state.complete(Step.VERIFY)
         steps[Step.VERIFY.value] = "ran"
@@ -501,7 +535,10 @@ def run_pipeline(
     stop()
 
     report = PipelineReport(
-        run_dir=run_dir, budget_ms=float(latency_budget_ms), plan=plan, model=pruned,
+        run_dir=run_dir,
+        budget_ms=float(vrep.budget_ms if vrep is not None and vrep.budget_ms is not None
+                        else latency_budget_ms or float("nan")),
+        budget_fraction=budget_fraction, plan=plan, model=pruned,
         verify=vrep, predicted_ms=predicted_ms, accuracy_dense=acc_dense,
         accuracy_pruned=acc_pruned, accuracy_before_finetune=acc_before,
         macs_dense=macs_dense, macs_pruned=macs_pruned, params_dense=params_dense,
@@ -512,19 +549,55 @@ def run_pipeline(
     return report
 
 
-def _call_profile(profile: Callable[..., Any], model: nn.Module, args: tuple[Any, ...],
-                  backend: Any, root: Path, progress: bool) -> Any:
-    import inspect
+def _select_by_ratio(result: Any, model: nn.Module, args: tuple[Any, ...], spec: ModelSpec,
+                     backend: Any, fraction: float, run_dir: Path, search_budget_ms: float,
+                     max_candidates: int = 8) -> PruningPlan | None:
+    """Best-proxy feasible trial whose measured paired ratio vs dense is <= ``fraction``."""
+    import optuna
+    import pandas as pd
 
-    params = inspect.signature(profile).parameters
-    kwargs: dict[str, Any] = {}
-    for name in ("root", "tables_root", "table_root", "table_dir"):
-        if name in params:
-            kwargs[name] = root
+    from autoprune.executor import apply_plan
+    from autoprune.io import atomic_write_bytes
+    from autoprune.plan import PruningPlan
+    from autoprune.storage import make_storage
+
+    study = optuna.load_study(study_name=result.study_name,
+                              storage=make_storage(None, result.run_dir))
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    tr = result.trials
+    cands = tr[tr["feasible"].astype(bool) & tr["proxy"].notna()]
+    cands = cands.sort_values(["proxy", "predicted_latency_ms"], ascending=[False, True])
+    dense = copy.deepcopy(model).eval()
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    chosen: PruningPlan | None = None
+    for n in cands["trial"].astype(int):
+        d = by_number[n].user_attrs.get("plan")
+        if d is None:
+            continue
+        plan = PruningPlan.from_dict(d)
+        key = plan.to_json(indent=None)
+        if key in seen:
+            continue
+        seen.add(key)
+        pruned = apply_plan(model, plan, args, spec=spec).eval()
+        ratio, iqr = backend.measure_ratio(pruned, dense, args)
+        ok = float(ratio) <= fraction
+        pred = float(tr.loc[tr["trial"] == n, "predicted_latency_ms"].iloc[0])
+        rows.append({"trial": n, "proxy": float(tr.loc[tr["trial"] == n, "proxy"].iloc[0]),
+                     "predicted_latency_ms": pred, "measured_ratio": float(ratio),
+                     "ratio_iqr": float(iqr), "meets_budget": ok, "chosen": ok, "plan": key})
+        if ok:
+            chosen = plan
             break
-    if "progress" in params:
-        kwargs["progress"] = progress
-    return profile(model, args, backend, **kwargs)
+        result.notes.append(
+            f"trial {n}: measured ratio {ratio:.3f} vs dense misses the {fraction:.3f} budget "
+            f"(predicted {pred / search_budget_ms * fraction:.3f})")
+        if len(rows) >= max_candidates:
+            break
+    result.finalists = pd.DataFrame(rows)
+    atomic_write_bytes(run_dir / "finalists.csv", result.finalists.to_csv(index=False).encode())
+    return chosen
 
 
 def _record_table(run_dir: Path, table: Any) -> None:

@@ -1,0 +1,319 @@
+"""End-to-end benchmark: accuracy at equal measured latency, autoprune vs two peers.
+
+For each model (trained here: resnet18 and mobilenet_v2 on sklearn digits, a 1-D CNN on
+MNIST-1D) and each budget (a share of the dense model's latency measured on ONNX Runtime CPU,
+1 thread), three methods are brought to the budget and fine-tuned with the same recipe
+(``autoprune.finetune``, dense model as teacher, same epochs/lr/seed):
+
+- ``autoprune``: ``autoprune.search`` with the budget (predictor + table), accuracy proxy on a
+  held-out split of the training data (never the test set);
+- ``uniform16``: the same keep ratio on every channel group, widths rounded to 16, the largest
+  ratio whose measured latency fits the budget (bisection on measured latency);
+- ``tp_global``: Torch-Pruning's global magnitude pruning (L2, ``global_pruning=True``), the
+  smallest pruning ratio whose measured latency fits the budget (bisection).
+
+Every latency is a paired ratio against the dense model (timed alternately, median of the
+per-pair ratios, IQR beside it); ``latency_ms = ratio x dense median``. Accuracy is top-1 on the
+test split (digits: 360 images, one image = 0.28 points; MNIST-1D: 1,000 sequences).
+
+    python benchmarks/bench_end_to_end.py --models resnet18,mobilenet_v2,conv1d \\
+        --budgets 0.7,0.5,0.35,0.2 --epochs 3 --seeds 0 --out runs/bench_e2e/results.csv
+    python benchmarks/bench_end_to_end.py --budgets 0.2 --epochs 1 --seeds 0,1,2   # hard regime
+
+Rows are appended to the CSV as they finish (a rerun skips rows already there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+MODELS = ("resnet18", "mobilenet_v2", "conv1d")
+METHODS = ("autoprune", "uniform16", "tp_global")
+
+
+# --- data and dense models -------------------------------------------------------------------
+def loaders(model_name: str, seed: int, size: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """(train, search-holdout, test): the holdout is 20% of the training split."""
+    from autoprune.data import digits_tensors, mnist1d_tensors
+
+    if model_name == "conv1d":
+        train, test = mnist1d_tensors(seed=0)
+    else:
+        train, test = digits_tensors(size=size, channels=3, seed=0)
+    n = len(train)
+    idx = np.random.default_rng(0).permutation(n)
+    n_hold = n // 5
+    fit, hold = Subset(train, idx[n_hold:].tolist()), Subset(train, idx[:n_hold].tolist())
+    g = torch.Generator().manual_seed(seed)
+    return (DataLoader(fit, batch_size=64, shuffle=True, generator=g),
+            DataLoader(hold, batch_size=256),
+            DataLoader(test, batch_size=256))
+
+
+def make_model(name: str) -> nn.Module:
+    from autoprune.zoo import conv1d_net, torchvision_model
+
+    if name == "conv1d":
+        return conv1d_net(num_classes=10, width=64)
+    return torchvision_model(name, num_classes=10)
+
+
+def example_input(name: str, size: int) -> torch.Tensor:
+    return torch.randn(1, 1, 40) if name == "conv1d" else torch.randn(1, 3, size, size)
+
+
+def dense_model(name: str, size: int, work: Path, epochs: int) -> nn.Module:
+    """Train (once; cached in ``work``) the dense model with seed 0."""
+    from autoprune.finetune import finetune
+    from autoprune.io import atomic_torch_save, safe_torch_load
+
+    path = work / f"dense_{name}_{size}.pt"
+    torch.manual_seed(0)
+    model = make_model(name)
+    if path.exists():
+        model.load_state_dict(safe_torch_load(path))
+        return model.eval()
+    train, _, _ = loaders(name, 0, size)
+    finetune(model, train, epochs=epochs, lr=0.05, seed=0, progress=False)
+    atomic_torch_save(model.state_dict(), path)
+    return model.eval()
+
+
+# --- latency ------------------------------------------------------------------------------------
+def paired(backend: Any, model: nn.Module, dense: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(median ratio model/dense, IQR of the ratios)."""
+    r, iqr = backend.measure_ratio(model.eval(), dense.eval(), (x,))
+    return float(r), float(iqr)
+
+
+def bisect_to_budget(build: Any, backend: Any, dense: nn.Module, x: torch.Tensor,
+                     target_ratio: float, lo: float, hi: float, iters: int) -> tuple[float, nn.Module,
+                                                                                      float, float]:
+    """Largest knob in [lo, hi] (knob = kept share; latency grows with it) whose measured ratio
+    is <= target. Returns (knob, model, ratio, iqr); falls back to ``lo`` if nothing fits."""
+    best: tuple[float, nn.Module, float, float] | None = None
+    a, b = lo, hi
+    for _ in range(iters):
+        mid = 0.5 * (a + b)
+        m = build(mid)
+        r, iqr = paired(backend, m, dense, x)
+        if r <= target_ratio:
+            if best is None or mid > best[0]:
+                best = (mid, m, r, iqr)
+            a = mid
+        else:
+            b = mid
+    if best is None:
+        m = build(lo)
+        r, iqr = paired(backend, m, dense, x)
+        best = (lo, m, r, iqr)
+    return best
+
+
+def uniform16(model: nn.Module, x: torch.Tensor, spec: Any, keep: float) -> nn.Module:
+    from autoprune.executor import apply_plan
+    from autoprune.plan import PruningPlan
+
+    plan = PruningPlan.uniform(spec, keep_ratio=keep, structure="channel", alignment=16)
+    return apply_plan(model, plan, (x,))
+
+
+def tp_global(model: nn.Module, x: torch.Tensor, keep: float) -> nn.Module:
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).eval()
+    last = [mod for mod in m.modules() if isinstance(mod, nn.Linear)][-1]
+    pruner = tp.pruner.MagnitudePruner(
+        m, x, importance=tp.importance.MagnitudeImportance(p=2), global_pruning=True,
+        pruning_ratio=1.0 - keep, ignored_layers=[last], max_pruning_ratio=0.95,
+    )
+    pruner.step()
+    return m.eval()
+
+
+def macs_of(model: nn.Module, x: torch.Tensor) -> int:
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(copy.deepcopy(model).eval(), x)
+    return int(macs)
+
+
+# --- autoprune ----------------------------------------------------------------------------------
+def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, budget_ms: float,
+                    hold: DataLoader, train: DataLoader, n_trials: int, seed: int,
+                    cache: dict[str, Any], work: Path, name: str) -> tuple[nn.Module, Any]:
+    from autoprune.evaluators import accuracy_evaluator
+    from autoprune.executor import apply_plan
+    from autoprune.search import search
+
+    evaluator = accuracy_evaluator(hold, calib_loader=train)
+    kwargs: dict[str, Any] = dict(
+        device=backend, latency_budget_ms=budget_ms, evaluator=evaluator, n_trials=n_trials,
+        seed=seed, progress=False,
+    )
+    for key in ("table", "predictor"):
+        if key in cache:
+            kwargs[key] = cache[key]
+    result = search(model, (x,), **_accepted(search, kwargs, work, name))
+    for key in ("table", "predictor"):
+        if key not in cache and getattr(result, key, None) is not None:
+            cache[key] = getattr(result, key)
+    plan = result.best_plan
+    return apply_plan(model, plan, (x,)), plan
+
+
+def _accepted(fn: Any, kwargs: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if "tables_root" in params:
+        kwargs["tables_root"] = work / "latency_tables"
+    if "run_dir" in params:
+        kwargs["run_dir"] = work / f"search_{name}_{time.time_ns()}"
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+# --- main -----------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> None:
+    from autoprune.analyze import analyze
+    from autoprune.backends import get_backend
+    from autoprune.finetune import evaluate_accuracy, finetune
+
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    done: set[tuple[str, float, str, int, int]] = set()
+    if out.exists():
+        old = pd.read_csv(out)
+        done = {(r.model, round(r.budget_fraction, 3), r.method, int(r.seed), int(r.epochs))
+                for r in old.itertuples()}
+    backend = get_backend("onnxruntime-cpu", threads=1)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    for name in args.models.split(","):
+        x = example_input(name, args.size)
+        dense = dense_model(name, args.size, work, args.dense_epochs)
+        _, _, test = loaders(name, 0, args.size)
+        acc_dense = evaluate_accuracy(dense, test)
+        dense_sample = backend.measure_model(dense, (x,))
+        spec = analyze(dense, (x,))
+        macs_dense = macs_of(dense, x)
+        print(f"== {name}: dense {dense_sample}, accuracy {100 * acc_dense:.2f}%", flush=True)
+        cache: dict[str, Any] = {}
+        for frac in budgets:
+            budget_ms = frac * dense_sample.median_ms
+            for seed in seeds:
+                train, hold, test = loaders(name, seed, args.size)
+                for method in methods:
+                    key = (name, round(frac, 3), method, seed, args.epochs)
+                    if key in done:
+                        continue
+                    t0 = time.perf_counter()
+                    torch.manual_seed(seed)
+                    plan_note = ""
+                    if method == "autoprune":
+                        pruned, plan = autoprune_model(dense, x, backend, budget_ms, hold, train,
+                                                       args.n_trials, seed, cache, work, name)
+                        ratio, iqr = paired(backend, pruned, dense, x)
+                        plan_note = plan.to_json(indent=None)
+                    elif method == "uniform16":
+                        _, pruned, ratio, iqr = bisect_to_budget(
+                            lambda k: uniform16(dense, x, spec, k), backend, dense, x, frac,
+                            0.05, 1.0, args.bisect_iters)
+                    elif method == "tp_global":
+                        _, pruned, ratio, iqr = bisect_to_budget(
+                            lambda k: tp_global(dense, x, k), backend, dense, x, frac,
+                            0.05, 1.0, args.bisect_iters)
+                    else:
+                        raise SystemExit(f"unknown method {method!r}; known: {METHODS}")
+                    t_prune = time.perf_counter() - t0
+                    acc_before = evaluate_accuracy(pruned, test)
+                    finetune(pruned, train, epochs=args.epochs, lr=args.lr, seed=seed,
+                             teacher=copy.deepcopy(dense), progress=False)
+                    pruned.eval()
+                    acc = evaluate_accuracy(pruned, test)
+                    # re-measure after fine-tuning (weights changed, shapes did not)
+                    ratio2, iqr2 = paired(backend, pruned, dense, x)
+                    macs = macs_of(pruned, x)
+                    row = {
+                        "model": name, "budget_fraction": frac, "method": method, "seed": seed,
+                        "epochs": args.epochs, "acc_dense": acc_dense, "acc_before_ft": acc_before,
+                        "acc": acc, "ratio": ratio2, "ratio_iqr": iqr2, "ratio_at_selection": ratio,
+                        "speedup": 1.0 / ratio2, "mac_reduction": macs_dense / max(1, macs),
+                        "dense_ms": dense_sample.median_ms, "dense_iqr_ms": dense_sample.iqr_ms,
+                        "latency_ms": ratio2 * dense_sample.median_ms, "budget_ms": budget_ms,
+                        "meets_budget": bool(ratio2 <= frac), "prune_s": round(t_prune, 1),
+                        "total_s": round(time.perf_counter() - t0, 1), "plan": plan_note,
+                    }
+                    print(f"  {name} {frac:.2f} {method:9s} seed {seed}: acc {100 * acc:.2f}% "
+                          f"(before ft {100 * acc_before:.1f}%), ratio {ratio2:.3f}±{iqr2:.3f}, "
+                          f"MACs /{row['mac_reduction']:.2f}, {row['total_s']}s", flush=True)
+                    pd.DataFrame([row]).to_csv(out, mode="a", header=not out.exists(), index=False)
+
+
+def summarize(path: Path) -> str:
+    """Markdown table: mean ± spread (max-min/2 over seeds) per model/budget/method/epochs."""
+    df = pd.read_csv(path)
+    rows = []
+    for (model, frac, epochs, method), g in df.groupby(["model", "budget_fraction", "epochs",
+                                                         "method"], sort=True):
+        def ms(col: str, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+            v = g[col].to_numpy() * scale
+            if len(v) == 1:
+                return fmt.format(v[0])
+            return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
+
+        rows.append(
+            f"| {model} | {frac:.2f} | {epochs} | {method} | {len(g)} | {ms('acc', 100)} "
+            f"| {ms('ratio', 1, '{:.3f}')} (IQR {g['ratio_iqr'].median():.3f}) "
+            f"| {ms('speedup')} | {ms('mac_reduction')} | {int(g['meets_budget'].sum())}/{len(g)} |"
+        )
+    head = ("| model | budget (× dense) | ft epochs | method | seeds | accuracy % | measured ratio "
+            "| speed-up | MAC reduction | within budget |\n|---|---|---|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--budgets", default="0.7,0.5,0.35,0.2")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (same for all)")
+    p.add_argument("--dense-epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--size", type=int, default=32, help="digits image size")
+    p.add_argument("--n-trials", type=int, default=40)
+    p.add_argument("--bisect-iters", type=int, default=6)
+    p.add_argument("--work", default="runs/bench_e2e")
+    p.add_argument("--out", default="runs/bench_e2e/results.csv")
+    p.add_argument("--summarize", action="store_true", help="print the markdown table and exit")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.summarize:
+        print(summarize(Path(args.out)))
+        return 0
+    run(args)
+    print(summarize(Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""run_pipeline end to end on digits (real ONNX Runtime timings), resume, CLI helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from autoprune.errors import InvalidInputError
+
+pytestmark = pytest.mark.slow
+
+
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from autoprune.data import digits_tensors
+    from autoprune.finetune import finetune
+
+    torch.manual_seed(0)
+    train, test = digits_tensors(size=32, channels=3)
+    train = Subset(train, range(640))
+    g = torch.Generator().manual_seed(0)
+    train_loader = DataLoader(train, batch_size=32, shuffle=True, generator=g)
+    test_loader = DataLoader(test, batch_size=256)
+    model = _cnn()
+    finetune(model, train_loader, epochs=2, lr=0.1, progress=False)
+    return model.eval(), train_loader, test_loader
+
+
+def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_tables):
+    from autoprune.pipeline import Step, load_pruned, run_pipeline
+
+    model, train_loader, test_loader = trained
+    x = torch.randn(1, 3, 32, 32)
+    kw = dict(budget_fraction=0.6, run_dir=tmp_path / "run", train_loader=train_loader,
+              val_loader=test_loader, n_trials=8, predictor_samples=16, finetune_epochs=1,
+              tables_root=tmp_tables, progress=False)
+    rep = run_pipeline(model, x, **kw)
+    assert all(v == "ran" for v in rep.steps.values()), rep.steps
+    # the measured (paired) latency meets the budget, and the report says so with numbers
+    v = rep.verify
+    assert v is not None and v.ratio is not None and v.reference is not None
+    assert rep.budget_met is True
+    assert v.ratio <= 0.6
+    assert rep.budget_ms == pytest.approx(0.6 * v.reference.median_ms)
+    assert rep.accuracy_dense is not None and rep.accuracy_dense > 0.5
+    assert rep.accuracy_pruned is not None and 0.0 <= rep.accuracy_pruned <= 1.0
+    assert rep.macs_pruned < rep.macs_dense and rep.predicted_ms is not None
+    text = (tmp_path / "run" / "report.txt").read_text()
+    assert "paired ratio" in text and "accuracy pruned" in text and "MET" in text
+    for name in ("state.json", "spec.json", "plan.json", "pruned.pt", "predictor.csv",
+                 "trials.csv", "finalists.csv", "verify.json", "model.onnx", "report.json",
+                 "front.png"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert (tmp_path / "run" / "search" / "study.journal").exists()
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["budget_met"] is True and saved["accuracy_pruned"] == rep.accuracy_pruned
+
+    # rebuild = apply_plan(fresh model, plan) + load_state_dict: same outputs
+    fresh = _cnn()
+    fresh.load_state_dict(model.state_dict())
+    rebuilt = load_pruned(fresh, tmp_path / "run", x)
+    torch.testing.assert_close(rebuilt(x), rep.model.eval()(x))
+
+    # a rerun skips every completed step and gives the same numbers
+    rep2 = run_pipeline(model, x, **kw)
+    for step in (Step.PROFILE, Step.PREDICTOR, Step.SEARCH, Step.FINETUNE, Step.VERIFY,
+                 Step.EXPORT):
+        assert rep2.steps[step.value].startswith("skipped"), rep2.steps
+    assert rep2.accuracy_pruned == rep.accuracy_pruned
+    assert rep2.verify is not None and rep2.verify.ratio == v.ratio
+    assert rep2.plan.to_dict() == rep.plan.to_dict()
+
+    # the same run_dir with another budget is refused
+    with pytest.raises(InvalidInputError, match="other settings"):
+        run_pipeline(model, x, **{**kw, "budget_fraction": 0.4})
+
+
+def test_pipeline_with_given_plan_skips_search(trained, tmp_path):
+    from autoprune.analyze import analyze
+    from autoprune.pipeline import run_pipeline
+    from autoprune.plan import PruningPlan
+
+    model, train_loader, test_loader = trained
+    x = torch.randn(1, 3, 32, 32)
+    plan = PruningPlan.uniform(analyze(model, x), keep_ratio=0.5, alignment=16)
+    rep = run_pipeline(model, x, latency_budget_ms=1e3, plan=plan, run_dir=tmp_path / "r",
+                       train_loader=train_loader, val_loader=test_loader, finetune_epochs=0,
+                       export=False, progress=False)
+    assert rep.steps["search"] == "skipped (plan given)"
+    assert rep.steps["finetune"].startswith("skipped")
+    assert rep.budget_met is True and rep.verify is not None and rep.verify.ratio < 1.0
+    assert rep.plan.to_dict() == plan.to_dict()
+
+
+def test_pipeline_argument_checks(tmp_path):
+    from autoprune.pipeline import run_pipeline
+
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(InvalidInputError, match="exactly one"):
+        run_pipeline(_cnn(), x, run_dir=tmp_path, finetune_epochs=0)
+    with pytest.raises(InvalidInputError, match="budget_fraction"):
+        run_pipeline(_cnn(), x, budget_fraction=1.5, run_dir=tmp_path, finetune_epochs=0)
+    with pytest.raises(InvalidInputError, match="train_loader"):
+        run_pipeline(_cnn(), x, latency_budget_ms=1.0, run_dir=tmp_path)
+
+
+def test_cli_helpers():
+    from autoprune.cli.run import load_model, parse_shape
+
+    assert parse_shape("1,3,32,32") == (1, 3, 32, 32)
+    with pytest.raises(InvalidInputError, match="input-shape"):
+        parse_shape("1,a")
+    m = load_model("autoprune.zoo:conv1d_net", '{"width": 16}')
+    assert m(torch.randn(2, 1, 40)).shape == (2, 10)
+    with pytest.raises(InvalidInputError, match="module:callable"):
+        load_model("resnet18")
+    with pytest.raises(InvalidInputError, match="no attribute"):
+        load_model("autoprune.zoo:nope")
