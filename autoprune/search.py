@@ -28,7 +28,9 @@ import json
 import logging
 import math
 import re
+import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -190,8 +192,7 @@ class SearchResult:
 
         d = Path(run_dir)
         meta = read_json(d / "search_result.json")
-        trials = pd.read_csv(d / "trials.csv", keep_default_na=True)
-        trials["error"] = trials["error"].fillna("")
+        trials = pd.read_csv(d / "trials.csv", converters={"error": str})
         fpath = d / "finalists.csv"
         finalists = pd.read_csv(fpath) if fpath.exists() and fpath.stat().st_size > 1 \
             else pd.DataFrame()
@@ -317,6 +318,66 @@ def _latency_fn(predictor: Any) -> Callable[[Sequence[PruningPlan]], np.ndarray]
     )
 
 
+class TableLatencyModel:
+    """A latency model from the table alone: the sum of per-layer table latencies at the plan's
+    widths and structures, mapped affinely onto whole-model latency measured on the device for
+    two plans (the dense plan and the space's fastest plan): ``a + b x table_sum``.
+
+    Cheaper than ``LatencyPredictor`` (two measurements instead of a sampled dataset) and less
+    accurate away from those two points; ``search(predictor="table")`` uses it. Fitted
+    attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (table sum, measured ms) pairs.
+    """
+
+    def __init__(self, table: Any, spec: ModelSpec, miss_policy: str = "interpolate") -> None:
+        self.table = table
+        self.spec = spec
+        self.miss_policy = miss_policy
+        self._cache: dict[tuple[str, str, float], float] = {}
+
+    def table_sum_ms(self, plan: PruningPlan) -> float:
+        total = 0.0
+        for p in self.spec.pruned_layers(plan):
+            key = (p.spec.key(), p.structure.value, float(p.density))
+            v = self._cache.get(key)
+            if v is None:
+                v = float(self.table.lookup(p.spec, p.structure, p.density,
+                                            policy=self.miss_policy))
+                self._cache[key] = v
+            total += v
+        return total
+
+    def fit(self, model: nn.Module, example_inputs: Any, backend: Any,
+            plans: Sequence[PruningPlan]) -> TableLatencyModel:
+        """Measure ``plans`` (at least two, of different table sums) interleaved on
+        ``backend`` and fit the affine map by least squares."""
+        from autoprune.executor import apply_plan
+
+        if len(plans) < 2:
+            raise InvalidInputError("TableLatencyModel.fit needs at least two plans")
+        sums = np.array([self.table_sum_ms(p) for p in plans])
+        models = [apply_plan(model, p, example_inputs, spec=self.spec).eval() for p in plans]
+        ms = np.array([s.median_ms for s in backend.measure_interleaved(models, example_inputs)])
+        if np.ptp(sums) <= 0:
+            raise InvalidInputError("the calibration plans have equal table sums; pass plans "
+                                    "of different widths")
+        b, a = np.polyfit(sums, ms, 1)
+        if b <= 0:  # noise swamped the difference: fall back to a proportional map
+            a, b = 0.0, float(ms.mean() / sums.mean())
+        self.intercept_ms_, self.slope_ = float(a), float(b)
+        self.anchors_ = list(zip(sums.tolist(), ms.tolist()))
+        return self
+
+    def predict(self, plan: PruningPlan) -> float:
+        if not hasattr(self, "slope_"):
+            from autoprune.errors import NotFittedError
+
+            raise NotFittedError("TableLatencyModel is not fitted; call fit(...) first")
+        return self.intercept_ms_ + self.slope_ * self.table_sum_ms(plan)
+
+    def predict_many(self, plans: Sequence[PruningPlan]) -> np.ndarray:
+        return np.array([self.predict(p) for p in plans])
+
+
 class _CachedProxy:
     """Proxy per plan, cached by plan JSON; applies the plan for model evaluators."""
 
@@ -413,7 +474,7 @@ def search(
     n_trials: int = 200,
     strategy: str | Any = "tpe",
     table: Any | None = None,
-    predictor: Any | None = None,
+    predictor: Any | str | None = None,
     space: SearchSpace | str | Path | None = None,
     storage: str | Path | Any | None = None,
     study_name: str | None = None,
@@ -436,7 +497,9 @@ def search(
     ``strategy``: ``tpe`` (default), ``nsga2``, ``motpe``, ``random``, ``rl``, ``greedy``, a
     ``Strategy`` or an Optuna sampler. ``space``: a ``SearchSpace``, a preset name or a YAML
     path (default: built from the model, table and backend; ``space_options`` go to it).
-    ``n_trials`` is the study's total: a resumed study runs only the missing trials.
+    ``predictor``: a fitted ``LatencyPredictor``, any callable plan -> ms, ``"table"`` (the
+    table sums mapped onto two measured plans: ``TableLatencyModel``), or None (fit a
+    ``LatencyPredictor``). ``n_trials`` is the study's total: a resumed study runs only the missing trials.
     ``run_dir`` (default ``runs/search_<model>_<fingerprint>_<budget>ms_<strategy>``) holds the
     study journal and the saved result. See the module docstring for finalists.
     """
@@ -460,18 +523,10 @@ def search(
         from autoprune.analyze import analyze
 
         spec = analyze(model, example_inputs)
-    if table is None and (predictor is None or space is None):
+    if table is None and (predictor is None or isinstance(predictor, str) or space is None):
         from autoprune.profiler import profile
 
         table = profile(model, example_inputs, backend, progress=progress)
-    if predictor is None:
-        from autoprune.predictor import LatencyPredictor
-
-        predictor = LatencyPredictor(random_state=seed).fit(
-            table=table, model=model, example_inputs=example_inputs, backend=backend,
-            spec=spec, progress=progress)
-    latency_ms = _latency_fn(predictor)
-
     # space ------------------------------------------------------------------------------------
     from autoprune.space import SearchSpace
 
@@ -486,6 +541,23 @@ def search(
         raise InvalidInputError("space was built for another model (fingerprints differ); "
                                 "build it from this model's spec")
 
+    # latency model ------------------------------------------------------------------------------
+    if predictor is None:
+        from autoprune.predictor import LatencyPredictor
+
+        predictor = LatencyPredictor(random_state=seed).fit(
+            table=table, model=model, example_inputs=example_inputs, backend=backend,
+            spec=spec, progress=progress)
+    elif isinstance(predictor, str):
+        if predictor != "table":
+            raise InvalidInputError(f"predictor must be a LatencyPredictor, a callable plan -> "
+                                    f"ms, or 'table'; got {predictor!r}")
+        if table is None:
+            raise InvalidInputError("predictor='table' needs a latency table (table=...)")
+        predictor = TableLatencyModel(table, spec).fit(
+            model, example_inputs, backend, [space.dense_plan(), space.fastest_plan()])
+    latency_ms = _latency_fn(predictor)
+
     # budget against what the space can reach -------------------------------------------------
     dense_pred = float(latency_ms([space.dense_plan()])[0])
     fastest = float(latency_ms([space.fastest_plan()])[0])
@@ -495,6 +567,13 @@ def search(
             f"dense model predicted at {dense_pred:.4g} ms; raise the budget or widen the "
             f"space (lower min_keep_ratio, allow_block=True)")
     notes: list[str] = []
+    if fastest <= 0 or dense_pred <= 0:
+        msg = (f"the latency predictor gives {fastest:.4g} ms for the fastest plan and "
+               f"{dense_pred:.4g} ms for the dense one: predictions <= 0 mean it extrapolates "
+               "badly; fit it on more plans (n_samples) or use predictor='table'. Finalists are "
+               "still re-measured, so the budget holds for the returned plan")
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
     if budget >= dense_pred:
         msg = (f"budget {budget:.4g} ms is above the dense model's predicted {dense_pred:.4g} ms: "
                "every plan is feasible")
@@ -659,3 +738,16 @@ def _frow(tr: pd.DataFrame, n: int, role: str, plan: PruningPlan, measured: floa
         "chosen": bool(ok and not math.isfinite(measured)),
         "plan": plan.to_json(indent=None),
     }
+
+
+class _CallableModule(types.ModuleType):
+    """``autoprune.search`` is both this module and the ``search`` function: importing the
+    module (``from autoprune.search import SearchResult``) rebinds the package attribute
+    ``autoprune.search`` to the module, so the module forwards calls to the function and
+    ``autoprune.search(model, ...)`` works in either case."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SearchResult:
+        return search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
