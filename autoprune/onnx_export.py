@@ -117,6 +117,4 @@ def _export_dynamo(model: nn.Module, args: tuple[Any, ...], opset: int,
             model, args, dynamo=True, opset_version=max(opset, 18), input_names=names,
             verbose=False,
         )
-    buf = io.BytesIO()
-    program.save(buf)  # type: ignore[union-attr]
-    return buf.getvalue()
+    return program.model_proto.SerializeToString()  # type: ignore[union-attr]

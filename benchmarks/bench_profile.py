@@ -1,0 +1,148 @@
+"""Profiling cost and measurement noise on this machine (ONNX Runtime CPU).
+
+For each model: a fresh table is profiled into a temporary root (alignment sweep + width grid),
+and the script reports
+
+* wall seconds of the alignment sweep and of the whole profile, number of entries;
+* the measured spread per entry (relative IQR = IQR / median): median, p10/p90, max, and the
+  share of entries that hit the time cap before reaching the target spread;
+* the detected alignment;
+* interpolation check: ``n_check`` random off-grid (in, out) widths of random layers measured
+  directly vs ``lookup(policy="interpolate")`` (median / p90 absolute relative error);
+* table sum vs whole model: the dense model's per-layer entries summed against the measured
+  whole model (the gap the predictor's correction has to learn).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_profile.py --threads 1 [--models resnet18 mobilenet_v2]
+        [--out bench_profile.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_model(name: str, threads: int, n_check: int, seed: int) -> dict[str, Any]:
+    import torchvision
+
+    import autoprune as ap
+    from autoprune.analyze import analyze
+    from autoprune.profiler import detect_alignment, profile
+    from autoprune.table import LatencyTable
+
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    backend = ap.get_backend("onnxruntime-cpu", threads=threads)
+    spec = analyze(model, x)
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        step, sweep = detect_alignment(backend, spec=spec, return_sweep=True)
+        t_sweep = time.perf_counter() - t0
+        table = LatencyTable(backend.device_info(), alignment=step, protocol=backend.protocol)
+        table.alignment_sweep = sweep
+        table.path = LatencyTable.default_dir(table.device, root)
+        t1 = time.perf_counter()
+        profile(model, x, backend, table=table, spec=spec, progress=False)
+        t_grid = time.perf_counter() - t1
+    spreads = np.array([e.sample.spread for e in table])
+    runs = np.array([e.sample.n_runs for e in table])
+    target = backend.protocol.target_rel_iqr
+    # interpolation check at random off-grid widths
+    rng = np.random.default_rng(seed)
+    layers = [lay for lay in spec.layers.values() if lay.spec.op.value in ("conv2d", "dwconv2d")]
+    errs = []
+    checks = []
+    for _ in range(n_check):
+        lay = layers[int(rng.integers(len(layers)))]
+        full_in, full_out = lay.spec.in_channels, lay.spec.out_channels
+        cin = full_in if full_in <= 3 else int(rng.integers(max(1, full_in // 8), full_in + 1))
+        cout = int(rng.integers(max(1, full_out // 8), full_out + 1))
+        s = lay.spec.with_channels(cin, cout)
+        try:
+            est = table.lookup(s, policy="interpolate")
+        except ap.errors.TableMissError:
+            continue
+        checks.append((s, est))
+    measured = backend.measure_layers([(s, ap.Structure.NONE, 1.0) for s, _ in checks])
+    for (s, est), m in zip(checks, measured):
+        errs.append(abs(est - m.median_ms) / m.median_ms)
+    # table sum vs whole model
+    dense_sum = sum(table.lookup(lay.spec) for lay in spec.layers.values())
+    whole = backend.measure_model(model, x)
+    return {
+        "model": name,
+        "threads": threads,
+        "entries": len(table),
+        "alignment": step,
+        "sweep_s": round(t_sweep, 1),
+        "profile_s": round(t_grid, 1),
+        "total_s": round(t_sweep + t_grid, 1),
+        "spread_median": float(np.median(spreads)),
+        "spread_p10": float(np.percentile(spreads, 10)),
+        "spread_p90": float(np.percentile(spreads, 90)),
+        "spread_max": float(spreads.max()),
+        "share_above_target": float((spreads > target).mean()),
+        "runs_median": float(np.median(runs)),
+        "interp_checks": len(errs),
+        "interp_err_median": float(np.median(errs)) if errs else float("nan"),
+        "interp_err_p90": float(np.percentile(errs, 90)) if errs else float("nan"),
+        "dense_table_sum_ms": dense_sum,
+        "whole_model_ms": whole.median_ms,
+        "whole_model_spread": whole.spread,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet18", "mobilenet_v2"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-check", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    results = [bench_model(m, args.threads, args.n_check, args.seed) for m in args.models]
+    meta = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "torch": torch.__version__}
+    print(json.dumps({"meta": meta, "results": results}, indent=1))
+    print()
+    print("| model | threads | entries | alignment | sweep s | profile s | spread median "
+          "(p10-p90, max) | above target | interp. error median / p90 | table sum / whole ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['threads']} | {r['entries']} | {r['alignment']} | "
+              f"{r['sweep_s']} | {r['profile_s']} | {100 * r['spread_median']:.1f}% "
+              f"({100 * r['spread_p10']:.1f}-{100 * r['spread_p90']:.1f}%, "
+              f"{100 * r['spread_max']:.0f}%) | {100 * r['share_above_target']:.0f}% | "
+              f"{100 * r['interp_err_median']:.1f}% / {100 * r['interp_err_p90']:.1f}% "
+              f"(n={r['interp_checks']}) | {r['dense_table_sum_ms']:.3f} / "
+              f"{r['whole_model_ms']:.3f} (±{100 * r['whole_model_spread']:.0f}%) |")
+    if args.out:
+        from autoprune.io import atomic_write_json
+
+        atomic_write_json(args.out, {"meta": meta, "results": results})
+
+
+if __name__ == "__main__":
+    main()
