@@ -260,6 +260,97 @@ def _is_unit_partition(units: int, d: int) -> bool:
     return d >= 1 and units % d == 0
 
 
+@dataclass
+class Graphs:
+    """torch-pruning dependency graphs of a model: one for the whole model, or, where tracing
+    the whole fails (an op torch-pruning cannot model, like ShuffleNet's channel shuffle), one
+    per largest submodule that traces; channels crossing the untraced parts stay fixed."""
+
+    graphs: dict[str, Any]  # module path ("" = whole model) -> DependencyGraph
+    failures: dict[str, str]  # module path -> why torch-pruning could not trace it
+
+    def for_group(self, group_name: str) -> Any:
+        """The graph that owns a group (the longest module path prefix of its name)."""
+        best = None
+        for prefix in self.graphs:
+            if prefix == "" or group_name == prefix or group_name.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best):
+                    best = prefix
+        if best is None:
+            raise KeyError(group_name)
+        return self.graphs[best]
+
+
+def _module_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple]:
+    """Positional tensor inputs of every module's first call (for tracing it alone)."""
+    names = {m: n for n, m in model.named_modules()}
+    seen: dict[str, tuple] = {}
+    handles = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        n = names[mod]
+        if n not in seen:
+            ok = bool(args) and all(isinstance(a, torch.Tensor) for a in args)
+            seen[n] = tuple(a.detach() for a in args) if ok else ()
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _one_graph(module: nn.Module, args: tuple, ignore_mods: list[nn.Module]) -> Any:
+    import torch_pruning as tp
+
+    mods = set(module.modules())
+    ign = [m for m in ignore_mods if m in mods]
+    return tp.DependencyGraph().build_dependency(
+        module, args[0] if len(args) == 1 else args, ignored_layers=ign,
+        ignored_params=[q for m in ign for q in m.parameters(recurse=False)], verbose=False,
+    )
+
+
+def build_graphs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], ignore: Sequence[str] = ()
+) -> Graphs:
+    """Dependency graph(s) of ``model`` (see ``Graphs``); the model should be in eval mode."""
+    ignore_mods = [m for p in ignore for m in model.get_submodule(p).modules()]
+    try:
+        return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
+    except Exception as e:  # noqa: BLE001 - fall back to tracing parts
+        first_error = f"{type(e).__name__}: {e}"
+    graphs: dict[str, Any] = {}
+    failures: dict[str, str] = {"": first_error}
+    args_of = _module_inputs(model, inputs)
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if not any(True for _ in child.parameters()):
+                continue  # nothing to prune in it
+            args = args_of.get(path, ())
+            if not args:
+                if path in args_of:  # called with non-tensor arguments: look inside
+                    failures[path] = "called with non-tensor arguments"
+                    visit(path, child)
+                continue  # never called
+            try:
+                graphs[path] = _one_graph(child, args, ignore_mods)
+            except Exception as e:  # noqa: BLE001
+                failures[path] = f"{type(e).__name__}: {e}"
+                visit(path, child)
+
+    visit("", model)
+    if not graphs:
+        failures[""] = first_error
+    return Graphs(graphs, failures)
+
+
 def analyze(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -317,14 +408,9 @@ def analyze(
     model.eval()
     try:
         trace = _trace_forward(model, inputs)
-        try:
-            dg = tp.DependencyGraph().build_dependency(
-                model, inputs[0] if len(inputs) == 1 else inputs,
-                ignored_layers=ignored_modules, verbose=False,
-            )
-        except Exception as e:  # noqa: BLE001 - report what torch-pruning could not trace
-            raise _unsupported_from_trace_error(model, inputs, e) from e
-        spec = _build_spec(model, inputs, trace, dg, names, ignored_ids, ignore, model_name)
+        graphs = build_graphs(model, inputs, ignore)
+        _report_trace_failures(model, graphs, ignore)
+        spec = _build_spec(model, inputs, trace, graphs, names, ignored_ids, ignore, model_name)
         if check:
             _check_channel_groups(model, inputs, spec, ignored_modules, ignore)
     finally:
@@ -332,20 +418,29 @@ def analyze(
     return spec
 
 
-def _unsupported_from_trace_error(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], err: Exception
-) -> UnsupportedLayerError:
-    """Name the module where torch-pruning's graph construction failed, if we can tell."""
-    culprit = _find_custom_module(model)
-    if culprit is not None:
-        path, m = culprit
-        return UnsupportedLayerError(
-            path, type(m).__name__,
-            f"torch-pruning could not build the dependency graph ({type(err).__name__}: {err})",
-        )
-    return UnsupportedLayerError(
-        "", type(model).__name__,
-        f"torch-pruning could not build the dependency graph ({type(err).__name__}: {err})",
+def _report_trace_failures(model: nn.Module, graphs: Graphs, ignore: Sequence[str]) -> None:
+    """Warn about modules torch-pruning traced only in parts; raise ``UnsupportedLayerError``
+    for a module with its own parameters that it cannot trace at all (unless ignored)."""
+    if not graphs.failures:
+        return
+    for path, why in graphs.failures.items():
+        if any(path == p or path.startswith(p + ".") for p in ignore):
+            continue
+        mod = model.get_submodule(path) if path else model
+        own = any(True for _ in mod.parameters(recurse=False))
+        inner = [p for p in graphs.graphs if p.startswith(path + ".") or (not path and p)]
+        if own or not inner:
+            raise UnsupportedLayerError(
+                path or "<model>", type(mod).__name__,
+                f"torch-pruning cannot trace it ({why})",
+            )
+    top = graphs.failures.get("", "")
+    parts = sorted(p for p in graphs.failures if p)
+    warnings.warn(
+        f"analyze: torch-pruning cannot trace {type(model).__name__} as a whole ({top}); "
+        f"analysed {len(graphs.graphs)} submodules separately; channels crossing "
+        f"{len(parts)} untraceable modules (e.g. {', '.join(parts[:3])}) get masks only",
+        stacklevel=3,
     )
 
 
@@ -355,21 +450,28 @@ _KNOWN_PARAM_HOLDERS = (
 )
 
 
-def _find_custom_module(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """First module owning parameters directly whose type torch-pruning has no pruner for."""
+def custom_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules owning parameters directly whose type torch-pruning has no pruner for
+    (their parameters are pruned by shape guessing)."""
+    out = []
     for path, m in model.named_modules():
-        if not path or isinstance(m, _KNOWN_PARAM_HOLDERS):
+        if isinstance(m, _KNOWN_PARAM_HOLDERS):
             continue
         if any(True for _ in m.parameters(recurse=False)):
-            return path, m
-    return None
+            out.append((path, m))
+    return out
+
+
+def _find_custom_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """First non-root module owning parameters torch-pruning has no pruner for."""
+    return next(((p, m) for p, m in custom_param_modules(model) if p), None)
 
 
 def _build_spec(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
     trace: _Trace,
-    dg: Any,
+    graphs: Graphs,
     names: dict[nn.Module, str],
     ignored_ids: set[int],
     ignore: list[str],
@@ -417,14 +519,16 @@ def _build_spec(
     order = {n: i for i, n in enumerate(names.values())}
     groups: dict[str, PrunableGroup] = {}
     group_divisor: dict[str, int] = {}
-    raw_groups = list(
-        dg.get_all_groups(
+    raw_groups = [
+        (prefix, dg, g)
+        for prefix, dg in graphs.graphs.items()
+        for g in dg.get_all_groups(
             ignored_layers=[m for m in model.modules() if id(m) in ignored_ids],
             root_module_types=(nn.Conv1d, nn.Conv2d, nn.Linear),
         )
-    )
-    pending: list[tuple[list[tuple[str, str, list[int]]], int, set[str]]] = []
-    for g in raw_groups:
+    ]
+    pending: list[tuple[list[tuple[str, str, list[int]]], int, set[str], str]] = []
+    for prefix, dg, g in raw_groups:
         units = len(g[0].idxs)
         touched: list[tuple[str, str, list[int]]] = []  # (layer path, "in"/"out", idxs)
         members: set[str] = set()
@@ -462,15 +566,26 @@ def _build_spec(
         if ignored_hit:
             continue
         if not consumed:
-            # channels that reach the model output (the classifier's logits)
+            # channels that reach the model output (the classifier's logits), or leave a
+            # module that torch-pruning could only trace in parts
             for path, side, _ in touched:
-                if side == "out":
+                if side != "out":
+                    continue
+                rec = records.get(path)
+                if not prefix or (rec is not None and rec.out_fn in trace.output_fns):
                     fixed.setdefault(path, "output channels are the model output")
+                    break
+            else:
+                # leaves a module traced in parts: the channels stay, masks are still possible
+                pending.append((touched, units, members,
+                                f"channels leave {prefix!r}, which torch-pruning can only "
+                                "trace in parts: masks only"))
             continue
-        pending.append((touched, units, members))
+        pending.append((touched, units, members, ""))
 
     used_names: set[str] = set()
-    for touched, units, members in pending:
+    mask_only: dict[str, str] = {}
+    for touched, units, members, why_fixed in pending:
         producers = sorted(
             {p for p, side, _ in touched if side in ("out", "mha")
              and not (p in layer_mods and _op_kind(layer_mods[p]).is_depthwise)
@@ -504,6 +619,8 @@ def _build_spec(
             for i in idxs:
                 lab[i] = name
         group_divisor[name] = d
+        if why_fixed:
+            mask_only[name] = why_fixed
         groups[name] = PrunableGroup(
             name=name, kind="channel", units=units, allowed=(Structure.NONE,),
             producers=tuple(producers), members=tuple(sorted(members, key=lambda p: order.get(p, 0))),
@@ -553,7 +670,9 @@ def _build_spec(
         allowed = [Structure.NONE]
         d = group_divisor[name]
         units, unit_size, note = g.units, 1, ""
-        if _is_unit_partition(g.units, d):
+        if name in mask_only:
+            note = mask_only[name]
+        elif _is_unit_partition(g.units, d):
             if d > 1:
                 units, unit_size = g.units // d, d
                 note = (f"channels shrink evenly across {d} partitions (grouped conv / heads); "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autoprune.analyze import analyze, normalize_inputs
+from autoprune.analyze import Graphs, analyze, build_graphs, normalize_inputs
 from autoprune.errors import InvalidInputError, UnsupportedLayerError
 from autoprune.importance import Importance, get_importance
 from autoprune.masks import nm_mask, set_mask, unstructured_mask
@@ -36,15 +36,8 @@ def _ignored_paths(spec: ModelSpec) -> list[str]:
     return [p for p, why in spec.fixed.items() if why.startswith(_IGNORED_PREFIX)]
 
 
-def _build_dg(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignore: Sequence[str]) -> Any:
-    import torch_pruning as tp
-
-    ignored: list[nn.Module] = []
-    for p in ignore:
-        ignored.extend(model.get_submodule(p).modules())
-    return tp.DependencyGraph().build_dependency(
-        model, inputs[0] if len(inputs) == 1 else inputs, ignored_layers=ignored, verbose=False
-    )
+def _build_dg(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignore: Sequence[str]) -> Graphs:
+    return build_graphs(model, inputs, ignore)
 
 
 def _root_of(model: nn.Module, group_name: str) -> nn.Module:
@@ -85,7 +78,7 @@ def _removal_idxs(scores: torch.Tensor, units: int, unit_size: int, n_remove: in
 
 def _prune_channels(
     model: nn.Module,
-    dg: Any,
+    graphs: Graphs,
     spec: ModelSpec,
     kept: dict[str, int],
     importance: Importance,
@@ -96,6 +89,7 @@ def _prune_channels(
         if k >= g.units:
             continue
         root = _root_of(model, name)
+        dg = graphs.for_group(name)
         n_ch = _root_channels(dg, root)
         if n_ch != g.units * g.unit_size:
             raise UnsupportedLayerError(
@@ -324,10 +318,14 @@ def _try_groups(
         g = spec.groups[n]
         plan.groups[n] = GroupPlan(Structure.CHANNEL, (g.units - 1) / g.units)
     kept = {n: k for n, k in spec.kept_units(plan).items() if n in plan.groups}
+    from autoprune.analyze import custom_param_modules
+
     m = copy.deepcopy(model)
     m.eval()
     stack: list[str] = []
     names_of = {mod: p for p, mod in m.named_modules()}
+    custom = custom_param_modules(m)
+    shapes = {p: [tuple(q.shape) for q in mod.parameters(recurse=False)] for p, mod in custom}
     try:
         dg = _build_dg(m, inputs, ignore)
         _prune_channels(m, dg, spec, kept, get_importance("l1"))
@@ -350,7 +348,11 @@ def _try_groups(
         with torch.no_grad():
             m(*inputs)
     except Exception as e:  # noqa: BLE001
-        culprit = next((p for p in reversed(stack) if p), None)
+        # prefer a custom module whose parameters torch-pruning resized without knowing what
+        # they mean; else the innermost module that was running when the forward failed
+        changed = [p for p, mod in custom
+                   if [tuple(q.shape) for q in mod.parameters(recurse=False)] != shapes[p]]
+        culprit = changed[0] if changed else next((p for p in reversed(stack) if p), None)
         return culprit, f"{type(e).__name__}: {e}"
     finally:
         for h in handles:

@@ -1,0 +1,189 @@
+"""analyze(): group structure, layer shapes, fused ops, blocks, fixed parts, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from autoprune import zoo
+from autoprune.analyze import analyze
+from autoprune.errors import InvalidInputError, UnsupportedLayerError
+from autoprune.types import ModelSpec, OpKind, Structure
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def resnet18_spec():
+    torch.manual_seed(0)
+    model = zoo.torchvision_model("resnet18").eval()
+    return model, analyze(model, torch.randn(2, 3, 32, 32), model_name="resnet18")
+
+
+def test_resnet18_groups_follow_the_residual_stream(resnet18_spec):
+    _, spec = resnet18_spec
+    g = spec.groups["conv1"]  # stem + layer1's residual stream are one group
+    assert g.kind == "channel" and g.units == 64
+    assert set(g.producers) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+    assert {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1",
+            "layer2.0.downsample.0"} <= set(g.members)
+    # the stem conv reads 3 input channels: nm impossible; channel removal allowed
+    assert Structure.CHANNEL in g.allowed and Structure.NM not in g.allowed
+    inner = spec.groups["layer1.0.conv1"]
+    assert inner.producers == ("layer1.0.conv1",)
+    assert set(inner.allowed) == {Structure.NONE, Structure.CHANNEL, Structure.NM,
+                                  Structure.UNSTRUCTURED}
+    assert "layer2.0.conv2" in spec.groups  # layer2 stream named after its first producer
+    assert sum(1 for x in spec.groups.values() if x.kind == "channel") == 12
+
+
+def test_resnet18_layer_specs_from_the_forward_pass(resnet18_spec):
+    _, spec = resnet18_spec
+    c1 = spec.layers["conv1"].spec
+    assert (c1.op, c1.in_channels, c1.out_channels) == (OpKind.CONV2D, 3, 64)
+    assert (c1.kernel, c1.stride, c1.padding, c1.input_size, c1.batch) == (
+        (7, 7), (2, 2), (3, 3), (32, 32), 2)
+    assert c1.bias is False and c1.dtype == "float32"
+    assert c1.fused == "bn+relu"
+    assert spec.layers["layer1.0.conv2"].spec.fused == "bn+add+relu"
+    assert spec.layers["layer1.0.conv2"].spec.input_size == (8, 8)
+    fc = spec.layers["fc"].spec
+    assert (fc.op, fc.in_channels, fc.out_channels, fc.input_size) == (OpKind.LINEAR, 512, 10, ())
+    assert spec.layers["layer1.0.conv1"].in_segments == (("conv1", 64),)
+    assert spec.layers["fc"].out_segments == ((None, 10),)
+
+
+def test_resnet18_fixed_parts_and_blocks(resnet18_spec):
+    _, spec = resnet18_spec
+    assert "model output" in spec.fixed["fc"]
+    assert "model input" in spec.fixed["conv1.in_channels"]
+    assert all(g.name != "fc" for g in spec.groups.values())
+    blocks = sorted(n for n, g in spec.groups.items() if g.kind == "block")
+    # blocks with a downsample shortcut are not identity-residual
+    assert blocks == ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert spec.groups["layer1.0"].allowed == (Structure.NONE, Structure.BLOCK)
+    assert spec.layers["layer1.0.conv2"].block == "layer1.0"
+    assert spec.layers["layer2.0.conv1"].block is None
+
+
+def test_spec_json_round_trip(resnet18_spec):
+    _, spec = resnet18_spec
+    back = ModelSpec.from_dict(spec.to_dict())
+    assert back.fingerprint == spec.fingerprint
+    assert back.groups == spec.groups and back.layers == spec.layers
+
+
+def test_analyze_leaves_the_model_alone():
+    model = zoo.conv1d_net().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    analyze(model, torch.randn(4, 1, 40))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_mobilenet_v2_depthwise_chain():
+    model = zoo.torchvision_model("mobilenet_v2").eval()
+    spec = analyze(model, torch.randn(1, 3, 32, 32))
+    dw = spec.layers["features.2.conv.1.0"].spec
+    assert dw.op == OpKind.DWCONV2D and dw.groups == dw.in_channels == dw.out_channels == 96
+    g = spec.groups["features.2.conv.0.0"]  # expand conv -> depthwise -> project
+    assert "features.2.conv.1.0" in g.members and "features.2.conv.1.0" not in g.producers
+    assert spec.layers["features.2.conv.1.0"].in_segments == (("features.2.conv.0.0", 96),)
+    assert spec.layers["features.2.conv.1.0"].spec.fused == "bn+relu6"
+    # inverted residuals with use_res_connect are blocks
+    blocks = {n for n, x in spec.groups.items() if x.kind == "block"}
+    assert "features.3" in blocks and "features.2" not in blocks
+
+
+def test_densenet_concat_inputs_have_several_segments():
+    model = zoo.torchvision_model("densenet121").eval()
+    spec = analyze(model, torch.randn(1, 3, 32, 32), check=False)
+    lay = spec.layers["features.denseblock1.denselayer3.conv1"]
+    assert [c for _, c in lay.in_segments] == [64, 32, 32]
+    assert lay.in_segments[1][0] == "features.denseblock1.denselayer1.conv2"
+    assert lay.in_segments[2][0] == "features.denseblock1.denselayer2.conv2"
+
+
+def test_regnet_grouped_convs_shrink_evenly():
+    model = zoo.torchvision_model("regnet_x_400mf").eval()
+    spec = analyze(model, torch.randn(1, 3, 32, 32))
+    b = spec.layers["trunk_output.block1.block1-0.f.b.0"].spec
+    assert b.groups == 2
+    g = spec.groups["trunk_output.block1.block1-0.f.a.0"]
+    assert (g.units, g.unit_size) == (16, 2) and Structure.CHANNEL in g.allowed
+
+
+def test_vit_attention_and_mlp_groups():
+    model = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10).eval()
+    spec = analyze(model, torch.randn(1, 3, 32, 32), check=False)
+    att = spec.layers["encoder.layers.encoder_layer_0.self_attention.attention"].spec
+    assert (att.op, att.in_channels, att.groups, att.input_size) == (OpKind.ATTENTION, 768, 12, (5,))  # 4 patches + class token
+    inp = spec.layers["encoder.layers.encoder_layer_0.self_attention.in_proj"].spec
+    assert (inp.in_channels, inp.out_channels, inp.input_size) == (768, 2304, (5,))
+    stream = spec.groups["conv_proj"]
+    assert (stream.units, stream.unit_size) == (64, 12)  # embed dim shrinks evenly per head
+    mlp = spec.groups["encoder.layers.encoder_layer_0.mlp.0"]
+    assert mlp.units == 3072 and Structure.NM in mlp.allowed
+    assert spec.layers["encoder.layers.encoder_layer_0.mlp.0"].spec.fused == "gelu"
+    blocks = [n for n, g in spec.groups.items() if g.kind == "block"]
+    assert len(blocks) == 12 and "encoder.layers.encoder_layer_0" in blocks
+
+
+class _Weird(nn.Module):
+    """A custom layer torch-pruning does not understand (it guesses the pruned dim wrong)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(c, c // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nc,cd->nd", x, self.w)
+
+
+def _weird_net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), _Weird(16), nn.Linear(8, 4))
+
+
+def test_unsupported_module_names_path_and_type():
+    with pytest.raises(UnsupportedLayerError) as e:
+        analyze(_weird_net(), torch.randn(2, 8))
+    assert e.value.module_path == "2" and e.value.module_type == "_Weird"
+    assert "ignore=['2']" in str(e.value)
+
+
+def test_ignored_module_is_fixed_with_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = analyze(_weird_net(), torch.randn(2, 8), ignore=["2"])
+    msgs = " ".join(str(w.message) for w in caught)
+    assert "'2'" in msgs and "_Weird" in msgs
+    assert "ignored" in spec.fixed["2"]
+    assert Structure.CHANNEL not in spec.groups["0"].allowed  # feeds the ignored module
+    assert Structure.UNSTRUCTURED in spec.groups["0"].allowed
+
+
+def test_unsupported_layer_types_and_bad_ignore_paths():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(1, 1, 5, 5, 5)
+    net(x)
+    with pytest.raises(UnsupportedLayerError, match="'0' of type Conv3d"):
+        analyze(net, x)
+    with pytest.raises(InvalidInputError, match="not a module"):
+        analyze(zoo.mlp(), torch.randn(1, 64), ignore=["nope"])
+    with pytest.raises(InvalidInputError, match="example_inputs"):
+        analyze(zoo.mlp(), "not a tensor")  # type: ignore[arg-type]
+
+
+def test_shufflenet_channel_shuffle_is_traced_in_parts():
+    model = zoo.torchvision_model("shufflenet_v2_x0_5").eval()
+    with pytest.warns(UserWarning, match="cannot trace ShuffleNetV2 as a whole"):
+        spec = analyze(model, torch.randn(1, 3, 32, 32))
+    inner = spec.groups["stage2.0.branch2.0"]  # conv -> depthwise inside a branch
+    assert Structure.CHANNEL in inner.allowed
+    crossing = spec.groups["stage2.0.branch2.5"]  # output goes through the shuffle
+    assert Structure.CHANNEL not in crossing.allowed and Structure.NM in crossing.allowed
