@@ -20,7 +20,10 @@ and explains.
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     import optuna
 
 DEFAULT_JOURNAL_NAME = "study.journal"
+_CREATE_ATTEMPTS = 6
 JOURNAL_SUFFIX = ".journal"
 #: URL schemes accepted by :func:`make_storage` (``postgres://`` is read as ``postgresql://``).
 ALLOWED_SCHEMES: tuple[str, ...] = (
@@ -172,8 +176,6 @@ def repair_journal(path: str | Path) -> int:
                 pos = start
             f.truncate(keep)
             f.flush()
-            import os
-
             os.fsync(f.fileno())
         return size - keep
     finally:
@@ -385,13 +387,25 @@ def _rdb_storage(
         warnings.simplefilter("ignore", FutureWarning)
         callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         try:
-            return optuna.storages.RDBStorage(
-                url.render_as_string(hide_password=False),
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval_s,
-                grace_period=grace_period_s,
-                heartbeat_stale_trial_callback=callback,
-            )
+            for attempt in range(_CREATE_ATTEMPTS):
+                try:
+                    return optuna.storages.RDBStorage(
+                        url.render_as_string(hide_password=False),
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval_s,
+                        grace_period=grace_period_s,
+                        heartbeat_stale_trial_callback=callback,
+                    )
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+                    # workers started together on an empty database race to create Optuna's
+                    # tables ("duplicate key ... pg_type_typname_nsp_index", "already exists");
+                    # the loser tries again and finds them made
+                    text_e = str(e).lower()
+                    racing = "duplicate key" in text_e or "already exists" in text_e
+                    if not racing or attempt == _CREATE_ATTEMPTS - 1:
+                        raise
+                    time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+            raise AssertionError("unreachable")  # pragma: no cover
         except ImportError:
             driver = url.drivername
             raise StorageError(
