@@ -50,18 +50,24 @@ WorkItem = tuple[LayerSpec, Structure, float]
 # Alignment detection
 # --------------------------------------------------------------------------------------------
 def representative_layer(spec: ModelSpec | None = None) -> LayerSpec:
-    """The layer the alignment sweep varies: the model's costliest non-depthwise conv/linear
-    (input channels capped at 64, no fused ops), or a 3x3 conv 64→64 at 8x8."""
-    if spec is not None:
-        cands = [lay.spec for lay in spec.layers.values()
-                 if lay.spec.op in (OpKind.CONV2D, OpKind.CONV1D, OpKind.LINEAR)]
-        if cands:
-            best = max(cands, key=lambda s: s.macs)
-            cin = min(best.in_channels, 64) if best.groups == 1 else best.in_channels
-            return LayerSpec(best.op, cin, best.out_channels, best.kernel, best.stride,
-                             best.padding, best.dilation, best.groups, best.input_size,
-                             best.batch, best.dtype, best.bias, "")
-    return LayerSpec(OpKind.CONV2D, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+    """The layer the alignment sweep varies (its output channels).
+
+    The channel step is a property of the runtime's kernels, so the sweep uses a fixed layer
+    with enough work per output channel for the steps to stand out of the noise: a 3x3 conv
+    64→n at 8x8 (conv2d models and the default), a 1-D conv 64→n, kernel 3, length 64 (models
+    whose costliest layers are 1-D convs) or a linear 256→n on 64 tokens (linear-only models).
+    """
+    conv2d = LayerSpec(OpKind.CONV2D, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+    if spec is None:
+        return conv2d
+    ops = {lay.spec.op for lay in spec.layers.values()}
+    if OpKind.CONV2D in ops or OpKind.DWCONV2D in ops:
+        return conv2d
+    if OpKind.CONV1D in ops or OpKind.DWCONV1D in ops:
+        return LayerSpec(OpKind.CONV1D, 64, 64, (3,), (1,), (1,), (1,), 1, (64,))
+    if OpKind.LINEAR in ops:
+        return LayerSpec(OpKind.LINEAR, 256, 64, input_size=(64,))
+    return conv2d
 
 
 def fit_alignment(widths: Sequence[int], latency_ms: Sequence[float],
