@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     "SearchSpace": "autoprune.space",
     "search": "autoprune.search",
     "SearchResult": "autoprune.search",
+    "accuracy_evaluator": "autoprune.evaluators",
+    "agreement_evaluator": "autoprune.evaluators",
     "finetune": "autoprune.finetune",
     "run_pipeline": "autoprune.pipeline",
     "verify": "autoprune.export",

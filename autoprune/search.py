@@ -447,6 +447,9 @@ def _slug(text: str) -> str:
 
 
 def _check_budget(budget: Any) -> float:
+    if budget is None:
+        raise InvalidInputError("latency_budget_ms is required: the latency budget in "
+                                "milliseconds on the target device, e.g. latency_budget_ms=8.0")
     if isinstance(budget, bool) or not isinstance(budget, (int, float, np.floating, np.integer)):
         raise InvalidInputError(f"latency_budget_ms must be a number of milliseconds, got "
                                 f"{budget!r}")
@@ -469,7 +472,7 @@ def search(
     model: nn.Module,
     example_inputs: Any,
     device: str | Any = "onnxruntime-cpu",
-    latency_budget_ms: float = float("nan"),
+    latency_budget_ms: float | None = None,
     evaluator: Callable[[nn.Module], float] | Any | None = None,
     n_trials: int = 200,
     strategy: str | Any = "tpe",

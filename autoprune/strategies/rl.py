@@ -173,6 +173,8 @@ class RLStrategy(Strategy):
 
         class _Stop(BaseCallback):
             def _on_step(self) -> bool:
+                if not any(np.asarray(self.locals.get("dones", [False])).reshape(-1)):
+                    return True  # only check at the end of an episode (a trial)
                 if problem.n_done(study) >= n_trials:
                     return False
                 return timeout_s is None or time.monotonic() - t0 < timeout_s
