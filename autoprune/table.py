@@ -306,27 +306,47 @@ class LatencyTable:
                 f"cannot interpolate {_describe(key)}: the table has no entry of this layer "
                 "configuration at any width; profile the model first"
             )
-        one_d = spec.op.is_depthwise or spec.op == OpKind.ATTENTION
         a = self.alignment or 1
-        co_grid = sorted({co for _, co in pts})
-        co_lo, co_hi, wco = _bracket(spec.out_channels, co_grid, a, key, "out_channels")
-        if one_d:
-            ci = spec.in_channels
-            lo = pts.get((ci if not spec.op.is_depthwise else co_lo, co_lo))
-            hi = pts.get((ci if not spec.op.is_depthwise else co_hi, co_hi))
-            if lo is None or hi is None:
-                raise TableMissError(f"cannot interpolate {_describe(key)}: grid incomplete")
-            return (1 - wco) * lo + wco * hi
-        ci_grid = sorted({ci for ci, _ in pts})
-        ci_lo, ci_hi, wci = _bracket(spec.in_channels, ci_grid, a, key, "in_channels")
-        corners = [(ci_lo, co_lo), (ci_lo, co_hi), (ci_hi, co_lo), (ci_hi, co_hi)]
-        missing = [c for c in corners if c not in pts]
-        if missing:
+        if spec.op.is_depthwise or spec.op == OpKind.ATTENTION:  # one width axis
+            line = {co: v for (ci, co), v in pts.items()
+                    if spec.op.is_depthwise or ci == spec.in_channels}
+            grid = sorted(line)
+            if not grid:
+                raise TableMissError(f"cannot interpolate {_describe(key)}: no entry with "
+                                     f"in_channels={spec.in_channels}")
+            lo, hi, w = _bracket(spec.out_channels, grid, a, key, "out_channels")
+            return (1 - w) * line[lo] + w * line[hi]
+        ci_eff = _effective(spec.in_channels, sorted({ci for ci, _ in pts}), a, key,
+                            "in_channels")
+        co_eff = _effective(spec.out_channels, sorted({co for _, co in pts}), a, key,
+                            "out_channels")
+        rows: dict[int, set[int]] = {}
+        for ci, co in pts:
+            rows.setdefault(ci, set()).add(co)
+        # the tightest measured rectangle around (ci_eff, co_eff): layers of one family can
+        # have different width grids, so the corners must exist together
+        best: tuple[float, int, int, int, int] | None = None
+        for ci_lo in (c for c in rows if c <= ci_eff):
+            for ci_hi in (c for c in rows if c >= ci_eff):
+                common = rows[ci_lo] & rows[ci_hi]
+                lows = [c for c in common if c <= co_eff]
+                highs = [c for c in common if c >= co_eff]
+                if not lows or not highs:
+                    continue
+                co_lo, co_hi = max(lows), min(highs)
+                span = (ci_hi - ci_lo) / max(ci_eff, 1) + (co_hi - co_lo) / max(co_eff, 1)
+                if best is None or span < best[0]:
+                    best = (span, ci_lo, ci_hi, co_lo, co_hi)
+        if best is None:
             raise TableMissError(
-                f"cannot interpolate {_describe(key)}: grid corners (in, out) {missing} were "
-                "not measured; re-profile with a full width grid"
+                f"cannot interpolate {_describe(key)}: no measured (in, out) rectangle around "
+                f"({ci_eff}, {co_eff}); re-profile the model with its width grid"
             )
-        v00, v01, v10, v11 = (pts[c] for c in corners)
+        _, ci_lo, ci_hi, co_lo, co_hi = best
+        wci = (ci_eff - ci_lo) / (ci_hi - ci_lo) if ci_hi > ci_lo else 0.0
+        wco = (co_eff - co_lo) / (co_hi - co_lo) if co_hi > co_lo else 0.0
+        v00, v01 = pts[(ci_lo, co_lo)], pts[(ci_lo, co_hi)]
+        v10, v11 = pts[(ci_hi, co_lo)], pts[(ci_hi, co_hi)]
         return ((1 - wci) * ((1 - wco) * v00 + wco * v01)
                 + wci * ((1 - wco) * v10 + wco * v11))
 
@@ -465,10 +485,11 @@ class LatencyTable:
                 f"alignment={self.alignment})")
 
 
-def _bracket(w: int, grid: list[int], a: int, key: EntryKey, what: str) -> tuple[int, int, float]:
-    """(lower grid width, upper grid width, weight of the upper) for width ``w``."""
+def _effective(w: int, grid: list[int], a: int, key: EntryKey, what: str) -> int:
+    """``w`` rounded up to the alignment, capped at the next measured width; raises when it
+    lies outside the measured widths (no extrapolation)."""
     if w in grid:
-        return w, w, 0.0
+        return w
     pos = bisect.bisect_left(grid, w)
     if pos == len(grid):
         raise TableMissError(
@@ -481,6 +502,12 @@ def _bracket(w: int, grid: list[int], a: int, key: EntryKey, what: str) -> tuple
             f"cannot interpolate {_describe(key)}: {what}={w} (rounded to {w_eff}) is below the "
             f"smallest measured width {grid[0]}; no extrapolation"
         )
+    return w_eff
+
+
+def _bracket(w: int, grid: list[int], a: int, key: EntryKey, what: str) -> tuple[int, int, float]:
+    """(lower grid width, upper grid width, weight of the upper) for width ``w``."""
+    w_eff = _effective(w, grid, a, key, what)
     if w_eff in grid:
         return w_eff, w_eff, 0.0
     j = bisect.bisect_left(grid, w_eff)

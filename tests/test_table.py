@@ -174,3 +174,23 @@ def test_add_rejects_bad_samples(syn):
     s = dataclasses.replace(conv2d(4, 4, 4), op=OpKind.CONV2D)
     t.add(s, "none", 1.0, LatencySample(1.0, 0.0, 3))
     assert s in t and LayerSpec.from_dict(s.to_dict()) in t
+
+
+def test_interpolation_with_two_layers_of_one_family_on_different_grids():
+    # two layers share a configuration (same kernel/size/fused) but have different width
+    # grids; a query must use a rectangle whose four corners were all measured
+    b = ap.get_backend("synthetic", alignment=16)
+    t = LatencyTable(b.device_info(), alignment=16)
+    for ci in (16, 32):
+        for co in (16, 64):
+            t.add(conv2d(ci, co, 4), "none", 1.0, b.measure_layer(conv2d(ci, co, 4)))
+    for ci in (64, 128):
+        for co in (32, 48):
+            t.add(conv2d(ci, co, 4), "none", 1.0, b.measure_layer(conv2d(ci, co, 4)))
+    # widths round up to 16 first; the synthetic cost is linear between steps, so exact
+    v = t.lookup(conv2d(24, 40, 4), policy="interpolate")  # inside the first layer's grid
+    assert v == pytest.approx(b.layer_cost_ms(conv2d(32, 48, 4)))
+    v2 = t.lookup(conv2d(100, 40, 4), policy="interpolate")  # inside the second's
+    assert v2 == pytest.approx(b.layer_cost_ms(conv2d(112, 48, 4)))
+    with pytest.raises(TableMissError, match="rectangle"):
+        t.lookup(conv2d(40, 60, 4), policy="interpolate")
