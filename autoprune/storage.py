@@ -134,9 +134,10 @@ def journal_storage(path: str | Path) -> optuna.storages.BaseStorage:
     repair_journal(path)
     try:
         return JournalStorage(backend)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
         raise StorageError(
-            f"search journal {path} is corrupt ({e}); move it away to start a new study"
+            f"search journal {path} is corrupt ({type(e).__name__}: {e}); move it away to "
+            "start a new study"
         ) from None
 
 
