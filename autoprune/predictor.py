@@ -42,7 +42,7 @@ from autoprune.errors import (
     NotFittedError,
     TableMismatchError,
 )
-from autoprune.plan import PruningPlan, random_plan
+from autoprune.plan import GroupPlan, PruningPlan, random_plan
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Structure
 
 if TYPE_CHECKING:
@@ -146,12 +146,15 @@ class _Compiled:
     # -- plans -> arrays ------------------------------------------------------------------
     def encode(self, plans: Sequence[PruningPlan]) -> _EncodedPlans:
         n_p, n_g, n_b = len(plans), len(self.group_names), len(self.block_names)
-        ratio = np.ones((n_p, n_g))
-        align = np.ones((n_p, n_g), dtype=np.int64)
-        struct = np.zeros((n_p, n_g), dtype=np.int64)
-        density = np.ones((n_p, n_g))
-        removed = np.zeros((n_p, n_b), dtype=bool)
         fp = self.spec.fingerprint
+        gindex, bindex = self.group_index, self.block_index
+        aligns: list[int] = []
+        owner: list[int] = []  # plan index of each (group name, GroupPlan) below
+        names: list[str] = []
+        gps: list[GroupPlan] = []
+        ai: list[int] = []
+        aj: list[int] = []
+        av: list[int] = []
         for i, plan in enumerate(plans):
             if not isinstance(plan, PruningPlan):
                 raise InvalidInputError(
@@ -164,33 +167,51 @@ class _Compiled:
                     f"{plan.model_fingerprint}); this predictor is for {self.spec.model_name} "
                     f"with fingerprint {fp}"
                 )
-            align[i, :] = plan.alignment
-            for name, a in plan.alignments.items():
-                j = self.group_index.get(name)
-                if j is not None:
-                    align[i, j] = a
-            for name, gp in plan.groups.items():
-                j = self.group_index.get(name)
-                if j is not None:
-                    code = _STRUCT_CODE[gp.structure]
-                    struct[i, j] = code
-                    if code == 1:
-                        ratio[i, j] = gp.keep_ratio
-                    elif code in (2, 3):
-                        density[i, j] = gp.density
-                    elif code == 4:
-                        raise InvalidPlanError(
-                            f"plan {i}: group {name!r} is a channel group; 'block' is allowed "
-                            "only for block groups"
-                        )
-                    continue
-                b = self.block_index.get(name)
-                if b is None:
-                    raise InvalidPlanError(
-                        f"plan {i}: unknown group {name!r} for model {self.spec.model_name}; "
-                        "validate the plan with plan.validate(spec)"
-                    )
-                removed[i, b] = gp.structure == Structure.BLOCK
+            aligns.append(plan.alignment)
+            if plan.alignments:
+                for name, a in plan.alignments.items():
+                    j = gindex.get(name)
+                    if j is not None:
+                        ai.append(i)
+                        aj.append(j)
+                        av.append(a)
+            g = plan.groups
+            names.extend(g)
+            gps.extend(g.values())
+            owner.extend([i] * len(g))
+        # bulk conversion: one comprehension per field is far cheaper than per-item work
+        codes = _STRUCT_CODE
+        plan_i = np.asarray(owner, dtype=np.int64)
+        gj = np.asarray([gindex.get(n, -1) for n in names], dtype=np.int64)
+        bj = np.asarray([bindex.get(n, -1) for n in names], dtype=np.int64)
+        code = np.asarray([codes[gp.structure] for gp in gps], dtype=np.int64)
+        val = np.asarray([gp.keep_ratio for gp in gps], dtype=float)
+        unknown = (gj < 0) & (bj < 0)
+        if unknown.any():
+            k = int(np.flatnonzero(unknown)[0])
+            raise InvalidPlanError(
+                f"plan {int(plan_i[k])}: unknown group {names[k]!r} for model "
+                f"{self.spec.model_name}; validate the plan with plan.validate(spec)"
+            )
+        bad = (gj >= 0) & (code == 4)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise InvalidPlanError(
+                f"plan {int(plan_i[k])}: group {names[k]!r} is a channel group; 'block' is "
+                "allowed only for block groups"
+            )
+        align = np.repeat(np.asarray(aligns, dtype=np.int64)[:, None], n_g, axis=1)
+        align[ai, aj] = av
+        ch = gj >= 0
+        struct = np.zeros((n_p, n_g), dtype=np.int64)
+        struct[plan_i[ch], gj[ch]] = code[ch]
+        value = np.ones((n_p, n_g))
+        value[plan_i[ch], gj[ch]] = val[ch]
+        ratio = np.where(struct == 1, value, 1.0)
+        density = np.where((struct == 2) | (struct == 3), value, 1.0)
+        removed = np.zeros((n_p, n_b), dtype=bool)
+        bl = (bj >= 0) & (code == 4)
+        removed[plan_i[bl], bj[bl]] = True
         return _EncodedPlans(self._keep_units(ratio, align, struct), struct, density, removed)
 
     def _keep_units(self, ratio: np.ndarray, align: np.ndarray, struct: np.ndarray) -> np.ndarray:
@@ -640,7 +661,10 @@ class LatencyPredictor:
 
         path = Path(path)
         try:
-            return pd.read_csv(path)  # pandas >= 3 parses floats round-trip exactly
+            # exact float round trip (pandas >= 3 does it by default and deprecates the option)
+            extra = {} if int(pd.__version__.split(".")[0]) >= 3 else {
+                "float_precision": "round_trip"}
+            return pd.read_csv(path, **extra)
         except FileNotFoundError:
             raise CorruptFileError(f"{path}: file not found") from None
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
