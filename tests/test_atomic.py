@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,8 +142,187 @@ def test_harness_catches_a_non_atomic_writer(tmp_path: Path) -> None:
     assert torn > 0
 
 
+# --- whole stages killed with SIGKILL, then resumed ------------------------------------------
+# (the profiler's own test covers a profile killed mid-table:
+#  test_profiler.py::test_sigkill_midway_then_resume_loses_nothing_and_duplicates_nothing)
+
+N_SEARCH = 30
+FT_EPOCHS, FT_BATCHES = 3, 6
+
+
+class _SlowScore:
+    """Plan evaluator: a deterministic score after a short sleep, leaving start/done markers."""
+
+    def __init__(self, spec, markers: Path) -> None:  # noqa: ANN001
+        self.spec, self.markers, self.calls = spec, markers, 0
+        self.dense_params = spec.count()[1]
+
+    def evaluate_plan(self, plan) -> float:  # noqa: ANN001
+        self.calls += 1
+        (self.markers / f"start-{os.getpid()}-{self.calls}").write_text(plan.to_json())
+        time.sleep(0.15)
+        (self.markers / f"done-{os.getpid()}-{self.calls}").write_text("")
+        return (self.spec.count(plan)[1] / self.dense_params) ** 0.5
+
+
+def _search_args(markers: Path, run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+
+    import autoprune as ap
+    from autoprune.zoo import conv1d_net
+
+    torch.manual_seed(0)
+    model = conv1d_net(width=16)
+    x = (torch.randn(1, 1, 40),)
+    backend = ap.get_backend("synthetic")
+    spec = ap.analyze(model, x)
+    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
+
+    def predict_ms(plan) -> float:  # noqa: ANN001
+        return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")
+                         for p in spec.pruned_layers(plan)))
+
+    budget = 0.9 * predict_ms(ap.PruningPlan.dense(spec))
+    kw = dict(device=backend, latency_budget_ms=budget, evaluator=_SlowScore(spec, markers),
+              n_trials=N_SEARCH, table=table, predictor=predict_ms, spec=spec, run_dir=run_dir,
+              progress=False, verify_finalists=False, strategy="tpe", seed=0)
+    return model, x, kw
+
+
+def _run_search(markers: Path, run_dir: Path) -> None:
+    import autoprune as ap
+
+    model, x, kw = _search_args(markers, run_dir)
+    ap.search(model, x, **kw)
+
+
+def _spawn_and_kill(argv: list[str], ready: Any, what: str, timeout_s: float = 120) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"{what} never got far enough to be killed"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"{what} ended before the kill"
+
+
+@pytest.mark.timeout(240)
+def test_search_killed_by_sigkill_resumes_the_study(tmp_path: Path) -> None:
+    import optuna
+
+    import autoprune as ap
+    from autoprune.storage import make_storage
+
+    markers, run_dir = tmp_path / "markers", tmp_path / "run"
+    markers.mkdir()
+
+    def inside_ninth_evaluation() -> bool:  # 8 finished, the 9th started and not finished
+        started = list(markers.glob("start-*"))
+        return len(started) >= 9 and len(list(markers.glob("done-*"))) < len(started)
+
+    _spawn_and_kill(["search", str(markers), str(run_dir)], inside_ninth_evaluation, "search")
+    TS = optuna.trial.TrialState
+    before = optuna.load_study(study_name=optuna.get_all_study_names(
+        make_storage(None, run_dir))[0], storage=make_storage(None, run_dir))
+    done_before = {t.number: t.params for t in before.get_trials(states=(TS.COMPLETE,))}
+    running = before.get_trials(states=(TS.RUNNING,))
+    assert len(done_before) >= 7 and len(running) == 1  # killed inside a trial
+
+    model, x, kw = _search_args(markers, run_dir)
+    result = ap.search(model, x, **kw)
+    study = optuna.load_study(study_name=result.study_name, storage=make_storage(None, run_dir))
+    trials = study.get_trials()
+    # nothing of the first run was lost or redone: its trials keep their numbers and plans
+    for n, params in done_before.items():
+        assert trials[n].state == TS.COMPLETE and trials[n].params == params
+    # the trial the kill interrupted is failed and its plan run again
+    killed = trials[running[0].number]
+    assert killed.state == TS.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state == TS.COMPLETE
+    assert retried[0].params == killed.params
+    # and the study holds exactly the trials asked for
+    assert sum(t.state == TS.COMPLETE for t in trials) == N_SEARCH
+    assert len(result.trials) == len(trials) == N_SEARCH + 1
+    assert len({t.number for t in trials}) == len(trials)
+
+
+class _SlowLoader:
+    """A fixed, unshuffled loader that sleeps per batch and records how far it got."""
+
+    def __init__(self, marker: Path | None, sleep_s: float) -> None:
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+                        for _ in range(FT_BATCHES)]
+        self.marker, self.sleep_s, self.seen = marker, sleep_s, 0
+
+    def __len__(self) -> int:
+        return FT_BATCHES
+
+    def __iter__(self):  # noqa: ANN204
+        for b in self.batches:
+            time.sleep(self.sleep_s)
+            self.seen += 1
+            if self.marker is not None:
+                self.marker.write_text(str(self.seen))
+            yield b
+
+
+def _ft_model():  # noqa: ANN202
+    import torch
+
+    from autoprune.zoo import mlp
+
+    torch.manual_seed(0)
+    return mlp(in_features=8, hidden=16)
+
+
+def _run_finetune(ckpt_dir: Path, marker: Path | None, sleep_s: float):  # noqa: ANN202
+    from autoprune.finetune import finetune
+
+    return finetune(_ft_model(), _SlowLoader(marker, sleep_s), epochs=FT_EPOCHS, lr=0.05,
+                    checkpoint_dir=ckpt_dir, progress=False)
+
+
+@pytest.mark.timeout(240)
+def test_finetune_killed_by_sigkill_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    """run_pipeline fine-tunes with checkpoint_dir=<run_dir>/finetune, so this is what a
+    pipeline killed during fine-tuning resumes from."""
+    import torch
+
+    reference = _run_finetune(tmp_path / "reference", None, 0.0)
+    ckpt_dir, marker = tmp_path / "ckpt", tmp_path / "seen"
+
+    def inside_second_epoch() -> bool:  # epoch 1 checkpointed, a few batches of epoch 2 done
+        seen = int(marker.read_text() or 0) if marker.exists() else 0
+        return (ckpt_dir / "finetune_last.pt").exists() and seen >= FT_BATCHES + 3
+
+    _spawn_and_kill(["finetune", str(ckpt_dir), str(marker)], inside_second_epoch, "finetune")
+    resumed = _run_finetune(ckpt_dir, None, 0.0)
+    assert resumed.resumed_from_step == FT_BATCHES  # the end of epoch 1, not step 0
+    assert resumed.steps_run == FT_EPOCHS * FT_BATCHES
+    for k, v in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, msg=k)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] in MODES:
         _write_forever(sys.argv[1], Path(sys.argv[2]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "search":
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        _run_search(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif len(sys.argv) == 4 and sys.argv[1] == "finetune":
+        _run_finetune(Path(sys.argv[2]), Path(sys.argv[3]), 0.15)
     else:
-        sys.exit(f"usage: test_atomic.py {{{'|'.join(MODES)}}} PATH")
+        sys.exit(f"usage: test_atomic.py {{{'|'.join(MODES)}}} PATH | search MARKERS RUN_DIR | "
+                 "finetune CKPT_DIR MARKER")
