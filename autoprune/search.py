@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from autoprune.errors import InfeasibleBudgetError, InvalidInputError
+from autoprune.errors import CorruptFileError, InfeasibleBudgetError, InvalidInputError
 from autoprune.plan import PruningPlan
 from autoprune.strategies.base import SearchProblem, plan_key
 from autoprune.types import ModelSpec, Structure
@@ -192,9 +192,15 @@ class SearchResult:
 
         d = Path(run_dir)
         meta = read_json(d / "search_result.json")
-        trials = pd.read_csv(d / "trials.csv", converters={"error": str})
+        if not isinstance(meta, dict) or "budget_ms" not in meta:
+            raise CorruptFileError(f"{d / 'search_result.json'}: not a search result "
+                                   "(no budget_ms)")
+        trials = _read_csv(d / "trials.csv", converters={"error": str})
+        missing = [c for c in TRIAL_COLUMNS if c not in trials.columns]
+        if missing:
+            raise CorruptFileError(f"{d / 'trials.csv'}: missing columns {missing}")
         fpath = d / "finalists.csv"
-        finalists = pd.read_csv(fpath) if fpath.exists() and fpath.stat().st_size > 1 \
+        finalists = _read_csv(fpath) if fpath.exists() and fpath.stat().st_size > 1 \
             else pd.DataFrame()
         best = meta.get("best_plan")
         return cls(
@@ -214,6 +220,17 @@ class SearchResult:
         best = "none" if self.best_plan is None else str(self.best_plan)
         return (f"SearchResult({self.strategy}: {n} trials, {nf} feasible, budget "
                 f"{self.budget_ms:.4g} ms, dense {self.dense_latency_ms:.4g} ms, best {best})")
+
+
+def _read_csv(path: Path, **kwargs: Any) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}: file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError) as e:
+        raise CorruptFileError(f"{path}: cannot parse as CSV ({type(e).__name__}: "
+                               f"{str(e).strip()[:200]})") from None
 
 
 def _num(x: float) -> float | None:
@@ -522,6 +539,7 @@ def search(
 
         backend = get_backend(device, threads=1)
     device_name = getattr(backend, "name", "") or type(backend).__name__
+    _check_table_device(table, backend)
     if spec is None:
         from autoprune.analyze import analyze
 
@@ -626,6 +644,25 @@ def search(
                max_remeasure, verify_finalists)
     result.save(rd)
     return result
+
+
+def _check_table_device(table: Any, backend: Any) -> None:
+    """A table measured on another device (or runtime, threads, precision) is refused."""
+    tdev = getattr(table, "device", None) if table is not None else None
+    info = getattr(backend, "device_info", None)
+    if tdev is None or info is None or not hasattr(tdev, "device_id"):
+        return
+    bdev = info()
+    if bdev.device_id != tdev.device_id:
+        from autoprune.errors import TableMismatchError
+
+        fields = bdev.diff(tdev) or ["device_id"]
+        details = ", ".join(f"{f}: table {tdev.to_dict().get(f)!r} vs backend "
+                            f"{bdev.to_dict().get(f)!r}" for f in fields)
+        raise TableMismatchError(
+            f"the latency table was measured on another device or setup ({details}); profile "
+            f"this device (autoprune.profile) or pass the matching backend"
+        )
 
 
 def _peek_study(storage: Any, study_name: str) -> optuna.Study | None:

@@ -60,10 +60,10 @@ def _search(s, tmp_path, **kw):
 
 def test_tpe_plan_meets_the_budget_when_measured(setup, tmp_path):
     s = setup
-    ev = accuracy_evaluator(s["test"], calib_loader=s["train"], bn_recalibration_batches=3,
+    ev = accuracy_evaluator(s["test"], calib_loader=s["train"], bn_recalibration_batches=2,
                             max_batches=1)
     budget = 0.7 * s["dense_ms"]
-    result = _search(s, tmp_path, evaluator=ev, n_trials=14, latency_budget_ms=budget)
+    result = _search(s, tmp_path, evaluator=ev, n_trials=10, latency_budget_ms=budget)
     assert result.best_plan is not None, result.notes
     fin = result.finalists
     chosen = fin[fin["chosen"]]
