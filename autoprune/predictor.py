@@ -42,7 +42,7 @@ from autoprune.errors import (
     NotFittedError,
     TableMismatchError,
 )
-from autoprune.plan import GroupPlan, PruningPlan, random_plan
+from autoprune.plan import GroupPlan, PruningPlan
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Structure
 
 if TYPE_CHECKING:
@@ -555,30 +555,56 @@ class LatencyPredictor:
     def _sample_plans(self, rng: np.random.Generator, n: int) -> list[PruningPlan]:
         """The dense plan, then random plans: half with independent per-group keep ratios,
         half around a shared level (so whole-network latency spreads over the full range);
-        half of them snapped to the table's alignment."""
+        half of them snapped to the table's alignment. Plans that price the same (same kept
+        widths, structures and removed blocks) are measured once."""
         plans = [PruningPlan.dense(self.spec_)]
-        seen = {_plan_key(plans[0])}
+        seen = {self._signature(plans[0])}
         tries = 0
         while len(plans) < n and tries < 50 * n:
             tries += 1
-            plans_i = self._random_plan(rng, leveled=bool(rng.random() < 0.5))
-            k = _plan_key(plans_i)
-            if k not in seen:
-                seen.add(k)
-                plans.append(plans_i)
+            plan = self._random_plan(rng, leveled=bool(rng.random() < 0.5))
+            sig = self._signature(plan)
+            if sig not in seen:
+                seen.add(sig)
+                plans.append(plan)
         return plans
 
+    def _signature(self, plan: PruningPlan) -> bytes:
+        enc = self._compiled.encode([plan])
+        return (enc.kept.tobytes() + enc.struct.tobytes() + np.round(enc.density, 4).tobytes()
+                + enc.removed.tobytes())
+
     def _random_plan(self, rng: np.random.Generator, leveled: bool) -> PruningPlan:
+        """Per channel group: ``channel`` with probability 0.6 (when allowed), else another
+        allowed structure (``none`` included); keep ratios uniform in [min_keep_ratio, 1] or,
+        when ``leveled``, spread around one level drawn for the whole plan."""
+        spec = self.spec_
         align = self.alignment_ if (self.align_to_table and rng.random() < 0.5) else 1
-        plan = random_plan(self.spec_, rng, structures=self.structures, alignment=align,
-                           min_keep_ratio=float(self.min_keep_ratio),
-                           block_probability=float(self.block_probability))
-        if leveled:
-            level = rng.uniform(float(self.min_keep_ratio), 1.0)
-            for name, gp in plan.groups.items():
-                if gp.structure in (Structure.CHANNEL, Structure.UNSTRUCTURED):
-                    r = level * math.exp(rng.normal(0.0, 0.2))
-                    gp.keep_ratio = float(min(1.0, max(float(self.min_keep_ratio), r)))
+        wanted = None if self.structures is None else {Structure(s) for s in self.structures}
+        lo = float(self.min_keep_ratio)
+        level = rng.uniform(lo, 1.0)
+        plan = PruningPlan(alignment=align, model_fingerprint=spec.fingerprint,
+                           model_name=spec.model_name)
+        for g in spec.groups.values():
+            allowed = [s for s in g.allowed if wanted is None or s in wanted or s == Structure.NONE]
+            if g.kind == "block":
+                if Structure.BLOCK in allowed and rng.random() < float(self.block_probability):
+                    plan.groups[g.name] = GroupPlan(Structure.BLOCK)
+                continue
+            others = [s for s in allowed if s not in (Structure.CHANNEL, Structure.BLOCK)]
+            if Structure.CHANNEL in allowed and (not others or rng.random() < 0.6):
+                s = Structure.CHANNEL
+            elif others:
+                s = others[int(rng.integers(len(others)))]
+            else:
+                continue
+            if s == Structure.NONE:
+                continue
+            if leveled:
+                r = min(1.0, max(lo, level * math.exp(rng.normal(0.0, 0.2))))
+            else:
+                r = float(rng.uniform(lo, 1.0))
+            plan.groups[g.name] = GroupPlan(s, float(r))
         return plan
 
     def _neighbours(self, plan: PruningPlan, rng: np.random.Generator, n: int) -> list[PruningPlan]:
@@ -825,16 +851,23 @@ class LatencyPredictor:
             (pred[hold] - y[hold]) / y[hold], index=np.flatnonzero(hold), name="rel_error")
 
     def _split(self, n: int, existing: Any) -> np.ndarray:
-        """Keep existing labels; new rows: the first (dense) always trains, the rest are held
-        out with probability ``holdout`` (seeded, so a reload splits the same way)."""
-        rng = np.random.default_rng(self.random_state + 7919)
-        draw = rng.random(n)
-        out = np.where(draw < float(self.holdout), "holdout", "train").astype(object)
-        out[0] = "train"
+        """Keep existing labels; of the unlabelled rows, exactly round(holdout x count) are
+        held out, chosen by a seeded permutation (a reload splits the same way). The dense
+        plan (row 0) always trains."""
+        out = np.full(n, "", dtype=object)
         if existing is not None:
             ex = existing.to_numpy()
-            keep = np.array([isinstance(v, str) for v in ex])
+            keep = np.array([isinstance(v, str) and v in ("train", "holdout") for v in ex])
             out[keep] = ex[keep]
+        free = np.flatnonzero(out == "")
+        if len(free) and free[0] == 0:
+            out[0] = "train"
+            free = free[1:]
+        rng = np.random.default_rng(self.random_state + 7919)
+        n_hold = int(round(float(self.holdout) * len(free)))
+        order = rng.permutation(free)
+        out[order[:n_hold]] = "holdout"
+        out[order[n_hold:]] = "train"
         return out
 
     def _make(self, name: str) -> Any:

@@ -243,3 +243,118 @@ def test_table_lookups_are_cached_across_plans():
     assert first < 400
     pred.predict_many(plans)
     assert table.calls - before == first
+
+
+# ------------------------------------------------------------------------------------------
+# The real pipeline: analyze -> profile -> measure pruned variants -> fit
+# ------------------------------------------------------------------------------------------
+def _conv1d(width: int = 192):
+    import torch
+
+    from autoprune import zoo
+
+    torch.manual_seed(0)
+    return zoo.conv1d_net(width=width).eval(), (torch.randn(1, 1, 40),)
+
+
+class _Counting:
+    """Wraps a backend and counts the whole models it is asked to time."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.models = backend, 0
+
+    def measure_interleaved(self, models, example_inputs):
+        self.models += len(models)
+        return self.backend.measure_interleaved(models, example_inputs)
+
+    def measure_model(self, model, example_inputs):
+        self.models += 1
+        return self.backend.measure_model(model, example_inputs)
+
+
+@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
+def test_fit_on_synthetic_device_recovers_its_whole_model_latency(tmp_path):
+    """The synthetic device costs the sum of its layers (the table) plus a nonlinear
+    whole-model term (overhead + a cache penalty beyond 1 MB of weights): the predictor must
+    learn that term from measured plans; the dataset lands next to the table and resumes."""
+    from autoprune import analyze, apply_plan, get_backend, profile
+    from autoprune.measure import ProtocolSettings
+
+    model, x = _conv1d()
+    spec = analyze(model, x)
+    device = get_backend("synthetic", alignment=16, noise=0.01, seed=0,
+                         protocol=ProtocolSettings.quick())
+    table = profile(model, x, device, spec=spec, root=tmp_path / "tables", progress=False)
+    backend = _Counting(device)
+    pred = LatencyPredictor(n_samples=48, random_state=0).fit(
+        table=table, model=model, example_inputs=x, backend=backend, spec=spec, progress=False)
+    measured_first = backend.models
+    assert measured_first >= 47  # every plan (+ the dense reference per chunk)
+    rep = pred.report_
+    assert rep.loc["predictor", "mape"] < 0.03
+    assert rep.loc["predictor", "within_10pct"] >= 0.9
+    assert rep.loc["predictor", "mape"] < rep.loc["table_sum", "mape"]
+    # against the device's noise-free truth on plans never measured
+    rng = np.random.default_rng(11)
+    fresh = [random_plan(spec, rng, structures=("channel",), alignment=16) for _ in range(6)]
+    truth = np.array([device.model_cost_ms(apply_plan(model, p, x, spec=spec), x)
+                      for p in fresh])
+    rel = np.abs(pred.predict_many(fresh) - truth) / truth
+    assert np.max(rel) < 0.06, rel
+    # the dataset is stored beside the table; a second fit measures nothing new
+    path = pred.data_path_
+    assert path is not None and path.parent == table.path and path.exists()
+    again = LatencyPredictor(n_samples=48, random_state=0).fit(
+        table=table, model=model, example_inputs=x, backend=backend, spec=spec, progress=False)
+    assert backend.models == measured_first
+    np.testing.assert_array_equal(again.predict_many(fresh), pred.predict_many(fresh))
+    # and load() finds the table next to the dataset by itself
+    loaded = LatencyPredictor.load(path)
+    np.testing.assert_array_equal(loaded.predict_many(fresh), pred.predict_many(fresh))
+
+
+@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
+def test_active_sampling_adds_training_plans_only(tmp_path):
+    from autoprune import analyze, get_backend, profile
+    from autoprune.measure import ProtocolSettings
+
+    model, x = _conv1d(64)
+    spec = analyze(model, x)
+    # a noisy device: the first fit misses the ±10% target, so active sampling must add plans
+    device = get_backend("synthetic", alignment=16, noise=0.3, seed=1,
+                         protocol=ProtocolSettings.quick())
+    table = profile(model, x, device, spec=spec, root=None, progress=False)
+    pred = LatencyPredictor(n_samples=16, active=True, target_within_10=1.0, max_samples=28,
+                            chunk_size=4, random_state=2).fit(
+        table=table, model=model, example_inputs=x, backend=device, spec=spec,
+        data_path=tmp_path / "d.csv", progress=False)
+    first = pred.dataset_.iloc[:16]
+    added = pred.dataset_.iloc[16:]
+    assert pred.active_rounds_ >= 1 and len(added) > 0 and pred.n_measured_ <= 28
+    assert (added["split"] == "train").all()
+    assert int(pred.report_.loc["predictor", "n_holdout"]) == int((first["split"] == "holdout").sum())
+    stored = pd.read_csv(tmp_path / "d.csv")
+    assert len(stored) == pred.n_measured_
+
+
+def test_fit_on_onnxruntime_cpu_small_model():
+    """A real ONNX Runtime session per pruned variant; accuracy is loose here (a 2-core shared
+    machine, ~20 µs models): the benchmark records the real numbers."""
+    from autoprune import analyze, get_backend, profile
+    from autoprune.measure import ProtocolSettings
+
+    model, x = _conv1d(64)
+    spec = analyze(model, x)
+    ort = get_backend("onnxruntime-cpu", threads=1,
+                      protocol=ProtocolSettings(warmup_runs=5, min_runs=15, max_runs=100,
+                                                time_cap_s=0.2))
+    table = profile(model, x, ort, spec=spec, root=None, progress=False)
+    pred = LatencyPredictor(n_samples=24, chunk_size=12).fit(
+        table=table, model=model, example_inputs=x, backend=ort, spec=spec, progress=False)
+    rep = pred.report_
+    assert set(rep.index) == {"predictor", "table_sum", "flops_linear"}
+    assert rep.loc["predictor", "mape"] < 0.25
+    assert np.isfinite(pred.dense_ms_) and (pred.dataset_["ref_ms"] > 0).all()
+    dense = pred.predict(PruningPlan.dense(spec))
+    small = pred.predict(PruningPlan.uniform(spec, 0.25, alignment=16))
+    assert small < dense
