@@ -19,6 +19,7 @@ the same correlation for raw accuracy without BN re-calibration.
     python benchmarks/bench_search.py --trials 24 --out runs/bench_search
 
 Writes ``results.csv``, ``rank_correlation.csv`` and ``summary.md`` into ``--out``.
+``--gpu-check`` runs a torch-cuda check instead (see ``gpu_check``).
 Latency numbers come from a shared 2-core VM: treat them as noisy.
 """
 
@@ -91,8 +92,65 @@ def uniform_at_budget(space: Any, latency: Any, budget_ms: float, proxy: Any) ->
             "uniform_predicted_ms": float("nan")}
 
 
+def gpu_check(alignments: list[int | str], trials: int) -> int:
+    """torch-cuda check (needs an NVIDIA GPU): an MLP with large GEMMs (8192 tokens,
+    2048 -> 8192 -> 2048), where 2:4 might pay off; prints the table's dense vs 2:4 entries,
+    what the space offers, uniform plans at unaligned vs aligned widths, and a TPE search whose
+    finalists are re-measured. ``alignments``: "auto" (the table's) and/or explicit steps."""
+    from torch import nn
+
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(2048, 8192), nn.Linear(8192, 2048)
+            self.fc3, self.fc4 = nn.Linear(2048, 64), nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.fc2(torch.relu(self.fc1(x)))
+            return self.fc4(torch.relu(self.fc3(x)))
+
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.randn(1, 8192, 2048)
+    backend = ap.get_backend("torch-cuda")
+    spec = ap.analyze(model, x)
+    table = ap.profile(model, x, backend, spec=spec, root="runs/bench_search_gpu/tables",
+                       progress=False)
+    print(f"{torch.cuda.get_device_name(0)}; table alignment {table.alignment}")
+    for g in spec.groups.values():
+        for p in g.producers:
+            lay = spec.layers[p].spec
+            try:
+                d = table.lookup(lay, "none", 1.0, policy="raise")
+                n = table.lookup(lay, "nm", 0.5, policy="raise")
+                print(f"  {p}: dense {d:.4f} ms, 2:4 {n:.4f} ms")
+            except ap.errors.AutoPruneError as e:
+                print(f"  {p}: {e}")
+    for al in alignments:
+        space = ap.SearchSpace.from_spec(spec, table, backend, alignment=al)
+        print(space, {k: [s.value for s in c.structures] for k, c in space.groups.items()})
+        lat = TableLatencyModel(table, spec).fit(model, x, backend,
+                                                 [space.dense_plan(), space.fastest_plan()])
+        for r in (1.0, 0.5):
+            for a in (1, 64):
+                plan = ap.PruningPlan.uniform(spec, r - (0.013 if a == 1 else 0), "channel",
+                                              alignment=a)
+                pm = ap.apply_plan(model, plan, x, spec=spec).eval()
+                ratio, iqr = backend.measure_ratio(pm, model, x)
+                print(f"  uniform keep {r} alignment {a}: kept {spec.kept_units(plan)} "
+                      f"latency ratio vs dense {ratio:.3f} (IQR {iqr:.3f})")
+        dense = lat.predict(space.dense_plan())
+        res = ap.search(model, x, device=backend, latency_budget_ms=0.7 * dense,
+                        n_trials=trials, table=table, predictor=lat, space=space, spec=spec,
+                        run_dir=f"runs/bench_search_gpu/tpe_align_{al}", progress=False)
+        print(res)
+        print(res.finalists.drop(columns=["plan"]).to_string(index=False))
+    return 0
+
+
 def main() -> int:
     ap_ = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap_.add_argument("--gpu-check", action="store_true",
+                     help="run the torch-cuda check instead (needs an NVIDIA GPU)")
     ap_.add_argument("--trials", type=int, default=24)
     ap_.add_argument("--models", default="resnet18,mobilenet_v2")
     ap_.add_argument("--budgets", default="0.7,0.4", help="fractions of dense latency")
@@ -106,6 +164,8 @@ def main() -> int:
     ap_.add_argument("--seed", type=int, default=0)
     args = ap_.parse_args()
     warnings.filterwarnings("ignore")
+    if args.gpu_check:
+        return gpu_check(["auto", 64], 30)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
