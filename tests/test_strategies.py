@@ -172,3 +172,22 @@ def test_greedy_keeps_more_than_uniform_pruning_at_the_same_budget(tmp_path):
             uniform = problem.importance.evaluate_plan(plan)
             break
     assert uniform is not None and g >= uniform
+
+
+@pytest.mark.parametrize("name", ["greedy", "rl"])
+def test_queued_retry_is_run_first_and_ask_tell_strategies_keep_their_plans(tmp_path, name):
+    """A trial queued in the study (the retry of a worker that died) is evaluated before an
+    ask/tell strategy starts, so every later trial is the plan the strategy enqueued."""
+    problem = _problem(tmp_path, name=f"q{name}")
+    strategy = get_strategy(name)
+    study = strategy.open(problem)
+    dense_params = problem.space.encode(problem.space.dense_plan())
+    study.enqueue_trial(dense_params)
+    study = strategy.run(problem, 6)
+    first = study.trials[0]
+    assert first.params == dense_params and first.state.name == "COMPLETE"
+    if name == "rl":  # every later trial is an RL episode: feasible by construction
+        assert all(t.user_attrs["constraint"] <= 0 for t in study.trials[1:])
+    else:  # the greedy end point within the budget is among them
+        target = greedy_plan(problem).to_dict()
+        assert any(t.user_attrs["plan"] == target for t in study.trials[1:])

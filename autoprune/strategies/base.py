@@ -172,6 +172,28 @@ class SearchProblem:
         proxy = values if isinstance(values, float) else values[0]
         return self.space.decode(params), float(proxy)
 
+    def drain_waiting(self, n_objectives: int = 1) -> int:
+        """Evaluate trials already queued in the study (e.g. the retry of a trial whose worker
+        died), so that strategies driving the study with ask/tell get their own enqueued
+        parameters back from ``ask``. Returns how many were run."""
+        from optuna.trial import TrialState
+
+        n = 0
+        while self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial = self.study.ask()
+            try:
+                values = self.objective(trial, n_objectives)
+            except TrialFailure:
+                self.study.tell(trial, state=TrialState.FAIL)
+            except BaseException:
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+            else:
+                self.study.tell(trial, values)
+            self._notify(self.study, trial.number)
+            n += 1
+        return n
+
     def _notify(self, study: optuna.Study, number: int) -> None:
         if not self.callbacks:
             return

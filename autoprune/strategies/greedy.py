@@ -105,6 +105,7 @@ class GreedyStrategy(Strategy):
         import time
 
         study = self.open(problem)
+        problem.drain_waiting(self.n_objectives)
         remaining = n_trials - problem.n_done(study)
         if remaining <= 0:
             return study

@@ -151,6 +151,7 @@ class RLStrategy(Strategy):
         if self.agent not in ("ppo", "sac", "ddpg"):
             raise InvalidInputError(f"unknown RL agent {self.agent!r}; allowed: ppo, sac, ddpg")
         study = self.open(problem)
+        problem.drain_waiting(self.n_objectives)
         remaining = n_trials - problem.n_done(study)
         if remaining <= 0:
             return study
