@@ -547,7 +547,7 @@ def search(
     if table is None and (predictor is None or isinstance(predictor, str) or space is None):
         from autoprune.profiler import profile
 
-        table = profile(model, example_inputs, backend, progress=progress)
+        table = profile(model, example_inputs, backend, spec=spec, progress=progress)
     # space ------------------------------------------------------------------------------------
     from autoprune.space import SearchSpace
 
