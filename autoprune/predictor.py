@@ -115,6 +115,7 @@ class _Compiled:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
+        self.fingerprint = spec.fingerprint  # a hash over every layer: compute it once
         chan = [g for g in spec.groups.values() if g.kind == "channel"]
         self.group_names = [g.name for g in chan]
         self.group_index = {n: i for i, n in enumerate(self.group_names)}
@@ -146,7 +147,7 @@ class _Compiled:
     # -- plans -> arrays ------------------------------------------------------------------
     def encode(self, plans: Sequence[PruningPlan]) -> _EncodedPlans:
         n_p, n_g, n_b = len(plans), len(self.group_names), len(self.block_names)
-        fp = self.spec.fingerprint
+        fp = self.fingerprint
         gindex, bindex = self.group_index, self.block_index
         aligns: list[int] = []
         owner: list[int] = []  # plan index of each (group name, GroupPlan) below
@@ -274,7 +275,8 @@ class _LinearModel:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict(x / self.scale)
+        # the same arithmetic as LinearRegression.predict without its per-call validation
+        return (x / self.scale) @ self.model.coef_ + self.model.intercept_
 
 
 class _BoostedModel:
@@ -291,7 +293,7 @@ class _BoostedModel:
         self.linear.fit(x, y)
         resid = y - self.linear.predict(x)
         self.trees = HistGradientBoostingRegressor(
-            learning_rate=0.05, max_iter=200, max_leaf_nodes=6,
+            learning_rate=0.1, max_iter=100, max_leaf_nodes=6,
             min_samples_leaf=max(3, len(y) // 25), l2_regularization=1.0,
             monotonic_cst=[1] * x.shape[1], early_stopping=False,
             random_state=self.random_state,
