@@ -213,3 +213,28 @@ def test_nm_only_group_can_stay_dense():
     assert math.isclose(nm.groups["c1"].keep_ratio, 0.5)
     assert space.encode(PruningPlan.dense(spec)) == {"structure:c1": "none",
                                                      "structure:c3": "none"}
+
+
+def test_presets_load_on_the_models_they_are_for():
+    """resnet/mobilenet/vit presets on analysed torchvision models (32x32 inputs): their group
+    patterns match and their bounds apply."""
+    import autoprune as ap
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from autoprune.zoo import torchvision_model
+
+    x = torch.randn(1, 3, 32, 32)
+    spec = ap.analyze(torchvision_model("resnet18").eval(), x)
+    space = SearchSpace.from_yaml("resnet", spec, alignment=16)
+    assert space.groups["conv1"].widths == (32, 48, 64)  # stem kept >= 50%
+    assert min(space.groups["layer4.0.conv1"].widths) == 128  # 25% of 512
+    assert all(space.groups[b].removable for b in ("layer1.0", "layer4.1"))
+    spec = ap.analyze(torchvision_model("mobilenet_v2").eval(), x)
+    space = SearchSpace.from_yaml("mobilenet", spec, alignment=16)
+    assert space.groups["features.0.0"].widths == (16, 32)
+    assert all(c.structures == (Structure.CHANNEL,) for c in space.searchable_groups)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                            hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    space = SearchSpace.from_yaml("vit", ap.analyze(vit, x))
+    mlp = space.groups["encoder.layers.encoder_layer_0.mlp.0"]
+    assert mlp.widths[0] == 32 and mlp.widths[-1] == 128
