@@ -250,57 +250,32 @@ def onnx_nm_report(path: str | Path, n: int = 2, m: int = 4) -> dict[str, bool]:
 
 def export_tensorrt(onnx_path: str | Path, engine_path: str | Path, fp16: bool = True,
                     sparse_weights: bool = True, workspace_mb: int = 2048) -> Path:
-    """Build a TensorRT engine from an ONNX file (atomically written to ``engine_path``).
+    """Build a TensorRT engine from an ONNX file with the ``tensorrt`` backend's builder.
 
-    ``sparse_weights`` sets ``BuilderFlag.SPARSE_WEIGHTS`` so the builder may pick sparse
-    kernels for weights already in 2:4 (export with ``export_onnx`` first). Raises
-    ``BackendUnavailable`` without TensorRT or a CUDA GPU.
+    The serialized engine is written atomically to ``engine_path``; a sidecar
+    ``<engine_path>.sparsity.json`` lists the layers TensorRT found "eligible for sparse math"
+    and those that "picked sparse implementation" (from the build log). ``sparse_weights``
+    sets ``BuilderFlag.SPARSE_WEIGHTS``, which only lets the builder consider sparse kernels for
+    weights already in 2:4 (export with ``export_onnx`` first). Raises ``BackendUnavailable``
+    without TensorRT or a CUDA GPU.
     """
-    try:
-        from autoprune.backends import tensorrt as trt_backend  # type: ignore[attr-defined]
-
-        builder_fn = getattr(trt_backend, "build_engine", None)
-    except ImportError:
-        builder_fn = None
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise InvalidInputError(f"ONNX file {onnx_path} does not exist; run export_onnx first")
-    if builder_fn is not None:
-        data = builder_fn(onnx_path.read_bytes(), fp16=fp16, sparse_weights=sparse_weights)
-    else:
-        data = _build_trt_engine(onnx_path.read_bytes(), fp16, sparse_weights, workspace_mb)
-    from autoprune.io import atomic_write_bytes
+    from autoprune.backends import backend_class
 
-    return atomic_write_bytes(engine_path, bytes(data))
+    cls = backend_class("tensorrt")
+    if not cls.is_available():
+        raise BackendUnavailable(cls.unavailable_reason())
+    be = cls(fp16=fp16, sparse_weights=sparse_weights, workspace_mb=workspace_mb)
+    engine = be.build_engine(onnx_path.read_bytes())
+    from autoprune.io import atomic_write_bytes, atomic_write_json
 
-
-def _build_trt_engine(onnx_bytes: bytes, fp16: bool, sparse_weights: bool,
-                      workspace_mb: int) -> bytes:
-    try:
-        import tensorrt as trt  # type: ignore[import-not-found]
-    except ImportError:
-        raise BackendUnavailable(
-            "TensorRT is not installed: pip install tensorrt (needs an NVIDIA GPU with CUDA)"
-        ) from None
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("TensorRT needs an NVIDIA GPU with CUDA; none is visible")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InvalidInputError(f"TensorRT could not parse the ONNX model: {errs}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if sparse_weights:
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    engine = builder.build_serialized_network(network, config)
-    if engine is None:
-        raise InvalidInputError("TensorRT failed to build an engine (see its log above)")
-    return bytes(engine)
+    out = atomic_write_bytes(engine_path, bytes(engine.serialize()))
+    rep = getattr(be, "last_sparsity", None)
+    atomic_write_json(Path(f"{out}.sparsity.json"), {
+        "sparse_weights": sparse_weights, "fp16": fp16,
+        "eligible": list(getattr(rep, "eligible", [])),
+        "picked": list(getattr(rep, "picked", [])),
+    })
+    return out

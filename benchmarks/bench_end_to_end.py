@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -152,40 +151,74 @@ def macs_of(model: nn.Module, x: torch.Tensor) -> int:
 
 
 # --- autoprune ----------------------------------------------------------------------------------
-def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, budget_ms: float,
+def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float,
                     hold: DataLoader, train: DataLoader, n_trials: int, seed: int,
-                    cache: dict[str, Any], work: Path, name: str) -> tuple[nn.Module, Any]:
+                    cache: dict[str, Any], work: Path, name: str, spec: Any,
+                    predictor_samples: int) -> tuple[nn.Module, Any, str]:
+    """Search at ``frac x predicted dense`` and take the best-proxy feasible plan whose paired
+    measured ratio is <= frac (the pipeline's ``budget_fraction`` mode, no headroom here so all
+    methods face the same criterion). Table and predictor are built once per model."""
     from autoprune.evaluators import accuracy_evaluator
     from autoprune.executor import apply_plan
+    from autoprune.pipeline import _select_by_ratio
+    from autoprune.plan import PruningPlan
+    from autoprune.predictor import LatencyPredictor
+    from autoprune.profiler import profile
     from autoprune.search import search
 
-    evaluator = accuracy_evaluator(hold, calib_loader=train)
-    kwargs: dict[str, Any] = dict(
-        device=backend, latency_budget_ms=budget_ms, evaluator=evaluator, n_trials=n_trials,
-        seed=seed, progress=False,
-    )
-    for key in ("table", "predictor"):
-        if key in cache:
-            kwargs[key] = cache[key]
-    result = search(model, (x,), **_accepted(search, kwargs, work, name))
-    for key in ("table", "predictor"):
-        if key not in cache and getattr(result, key, None) is not None:
-            cache[key] = getattr(result, key)
-    plan = result.best_plan
-    return apply_plan(model, plan, (x,)), plan
+    if "predictor" not in cache:
+        t0 = time.perf_counter()
+        cache["table"] = profile(model, (x,), backend, spec=spec, root=work / "latency_tables",
+                                 progress=False)
+        pred_path = work / f"predictor_{name}.csv"
+        if pred_path.exists():  # fitted by an earlier run of this script (same model, device)
+            cache["predictor"] = LatencyPredictor.load(pred_path, table=cache["table"])
+        else:
+            cache["predictor"] = LatencyPredictor(n_samples=predictor_samples,
+                                                  random_state=0).fit(
+                table=cache["table"], model=model, example_inputs=(x,), backend=backend,
+                spec=spec, progress=False)
+            cache["predictor"].save(pred_path)
+        cache["setup_s"] = time.perf_counter() - t0
+        print(f"  [{name}] table + predictor in {cache['setup_s']:.0f}s", flush=True)
+    predictor = cache["predictor"]
+    budget_ms = frac * float(predictor.predict(PruningPlan.dense(spec)))
+    run_dir = work / f"search_{name}_{frac:g}_s{seed}"
+    import warnings
 
+    from autoprune.errors import InfeasibleBudgetError
+    from autoprune.space import SearchSpace
 
-def _accepted(fn: Any, kwargs: dict[str, Any], work: Path, name: str) -> dict[str, Any]:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if "tables_root" in params:
-        kwargs["tables_root"] = work / "latency_tables"
-    if "run_dir" in params:
-        kwargs["run_dir"] = work / f"search_{name}_{time.time_ns()}"
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
+    note = ""
+    result = None
+    # the default space first; a budget below its fastest plan retries with narrower widths
+    # allowed (min_keep_ratio 0.05); below that too, the space's fastest plan is taken
+    for space_options in ({}, {"min_keep_ratio": 0.05}):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = search(model, (x,), device=backend, latency_budget_ms=budget_ms,
+                                evaluator=accuracy_evaluator(hold, calib_loader=train),
+                                n_trials=n_trials, table=cache["table"], predictor=predictor,
+                                run_dir=run_dir / f"space{len(space_options)}", seed=seed,
+                                progress=False, spec=spec, verify_finalists=False,
+                                space_options=space_options)
+            if space_options:
+                note = "searched with min_keep_ratio=0.05;"
+            break
+        except InfeasibleBudgetError as e:
+            note = f"infeasible for the default space ({e.fastest_ms:.4g} ms predicted fastest);"
+    if result is None:
+        space = SearchSpace.from_spec(spec, cache["table"], backend, min_keep_ratio=0.05)
+        plan = space.fastest_plan()
+        note += " below the fastest plan of the space: fastest plan taken"
+        return apply_plan(model, plan, (x,), spec=spec), plan, note
+    plan = _select_by_ratio(result, model, (x,), spec, backend, frac, run_dir, budget_ms)
+    if plan is None:  # nothing measured within budget: take the fastest re-measured finalist
+        fin = result.finalists.sort_values("measured_ratio")
+        plan = PruningPlan.from_json(fin["plan"].iloc[0])
+        note += " no finalist within budget; fastest finalist taken"
+    return apply_plan(model, plan, (x,), spec=spec), plan, note
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -229,10 +262,11 @@ def run(args: argparse.Namespace) -> None:
                     torch.manual_seed(seed)
                     plan_note = ""
                     if method == "autoprune":
-                        pruned, plan = autoprune_model(dense, x, backend, budget_ms, hold, train,
-                                                       args.n_trials, seed, cache, work, name)
+                        pruned, plan, note = autoprune_model(
+                            dense, x, backend, frac, hold, train, args.n_trials, seed, cache,
+                            work, name, spec, args.predictor_samples)
                         ratio, iqr = paired(backend, pruned, dense, x)
-                        plan_note = plan.to_json(indent=None)
+                        plan_note = (note + " " if note else "") + plan.to_json(indent=None)
                     elif method == "uniform16":
                         _, pruned, ratio, iqr = bisect_to_budget(
                             lambda k: uniform16(dense, x, spec, k), backend, dense, x, frac,
@@ -302,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help="digits image size")
     p.add_argument("--n-trials", type=int, default=40)
     p.add_argument("--bisect-iters", type=int, default=6)
+    p.add_argument("--predictor-samples", type=int, default=40)
     p.add_argument("--work", default="runs/bench_e2e")
     p.add_argument("--out", default="runs/bench_e2e/results.csv")
     p.add_argument("--summarize", action="store_true", help="print the markdown table and exit")

@@ -97,7 +97,8 @@ def register(subparsers: Any) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-ms", type=float, help="latency budget in ms")
     budget.add_argument("--budget-fraction", type=float,
-                        help="budget as a share of the dense model's measured latency (0-1)")
+                        help="budget as a share of the dense model's latency on the device "
+                        "(0-1), checked with paired ratios (robust on a noisy machine)")
     p.add_argument("--data", choices=DATASETS, default=None, help="bundled dataset for training/accuracy")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="train the dense model on --data first (when no --weights)")
@@ -137,21 +138,13 @@ def main(args: argparse.Namespace) -> int:
                      seed=args.seed, progress=not args.quiet)
             atomic_torch_save(model.state_dict(), weights)
         model.eval()
-    budget_ms = args.budget_ms
-    if budget_ms is None:
-        if not 0 < args.budget_fraction < 1:
-            raise InvalidInputError(f"--budget-fraction must be in (0, 1), got {args.budget_fraction}")
-        from autoprune.backends import get_backend
-
-        dense = get_backend(args.device, threads=args.threads).measure_model(model, (example,))
-        budget_ms = args.budget_fraction * dense.median_ms
-        if not args.quiet:
-            print(f"[autoprune] dense model measured {dense}; budget "
-                  f"{args.budget_fraction:.0%} = {budget_ms:.4g} ms")
+    if args.budget_fraction is not None and not 0 < args.budget_fraction < 1:
+        raise InvalidInputError(f"--budget-fraction must be in (0, 1), got {args.budget_fraction}")
     from autoprune.pipeline import run_pipeline
 
     report = run_pipeline(
-        model, (example,), latency_budget_ms=budget_ms, run_dir=args.run_dir,
+        model, (example,), latency_budget_ms=args.budget_ms,
+        budget_fraction=args.budget_fraction, run_dir=args.run_dir,
         train_loader=train_loader, val_loader=val_loader, device=args.device,
         backend_options={"threads": args.threads}, n_trials=args.n_trials,
         predictor_samples=args.predictor_samples,
