@@ -11,7 +11,7 @@ What it records (JSON to ``--out``, summary on stdout):
 
 - RSS of the process sampled every ``--sample-s`` seconds (psutil) from just before the search
   to its end: start, peak, end, and RSS at each 10% of the trials (trial completion times come
-  from the study), plus the growth per 1000 trials over the second half of the run;
+  from the study), plus the growth per 1000 trials between the 10% and 90% marks;
 - wall time and trials per second (first and last 10% of trials, to show the per-trial cost);
 - consistency: the study reopened from storage by a fresh storage object has the trial count,
   unique trial numbers, no RUNNING/WAITING trials, the same trials as ``SearchResult.trials``;
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -109,6 +110,8 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
 
     server = None
     storage_arg: Any = None
+    # a SIGTERM (timeout, kill) still runs the finally below and stops the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if postgres:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from pg import start_postgres
@@ -165,8 +168,11 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
         idx = int(np.searchsorted(n_done_at, target, side="left"))
         idx = min(idx, len(mb) - 1)
         by_decile.append({"trials_done": int(n_done_at[idx]), "rss_mib": round(float(mb[idx]), 1)})
-    half = (n_done_at >= len(done_times) // 2) & (ts <= done_times[-1])
-    slope = float(np.polyfit(n_done_at[half], mb[half], 1)[0] * 1000) if half.sum() > 2 else None
+    # growth between the 10% and 90% marks (the first trials warm caches up, the end of the
+    # run builds the result): MiB per 1000 trials
+    lo, hi = by_decile[0], by_decile[8]
+    span = hi["trials_done"] - lo["trials_done"]
+    slope = (hi["rss_mib"] - lo["rss_mib"]) / span * 1000 if span > 0 else None
     dec = max(1, len(done_times) // 10)
     first_rate = dec / max(done_times[dec - 1] - t0, 1e-9)
     last_rate = dec / max(done_times[-1] - done_times[-dec - 1], 1e-9) if len(done_times) > dec \
@@ -190,7 +196,7 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
         "rss_mib": {"start": round(float(mb[0]), 1), "peak": round(float(mb.max()), 1),
                     "end": round(float(mb[-1]), 1)},
         "rss_by_decile": by_decile,
-        "rss_growth_mib_per_1000_trials_second_half": round(slope, 2) if slope is not None
+        "rss_growth_mib_per_1000_trials_10_to_90pct": round(slope, 2) if slope is not None
         else None,
         "consistency": consistency,
         "pareto_front_size": len(result.pareto_front()),

@@ -55,6 +55,7 @@ class PostgresServer:
     def stop(self) -> None:
         if self.kind == "embedded":
             self._handle.cleanup()
+            shutil.rmtree(self.pgdata.parent, ignore_errors=True)
         else:
             assert self._bin is not None
             subprocess.run(
