@@ -107,8 +107,6 @@ def test_inputs_that_do_not_fit_reach_no_stage_as_a_torch_error(setup, tmp_path:
 # --- search arguments ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="search.py does not compare the given table's device "
-                                        "with the backend's (owner: search)")
 def test_search_refuses_a_table_from_another_device(setup, tmp_path: Path) -> None:
     s = setup
     other = ap.get_backend("synthetic", alignment=8)  # another device fingerprint
@@ -193,8 +191,6 @@ def test_corrupt_search_result_files_name_the_file(setup, tmp_path: Path) -> Non
     (d / "search_result.json").write_bytes(original)
 
 
-@pytest.mark.xfail(strict=False, reason="search.py: SearchResult.load lets pandas' ParserError "
-                                        "/ a missing trials.csv through (owner: search)")
 def test_corrupt_trials_csv_names_the_file(setup, tmp_path: Path) -> None:
     from autoprune.search import SearchResult
 
