@@ -520,8 +520,8 @@ class LatencyPredictor:
             todo = [p for p in plans if _plan_key(p) not in done][: max(
                 0, int(self.n_samples) - len(rows))]
             if todo:
-                new = self._measure(todo, model, example_inputs, backend, progress, rng,
-                                    n_existing=len(rows))
+                new = self._measure(todo, model, example_inputs, backend, progress,
+                                    first_chunk=_next_chunk(rows), existing=rows)
                 rows = pd.concat([rows, new], ignore_index=True) if len(rows) else new
                 self._save_rows(rows)
         self._fit_rows(rows)
@@ -624,8 +624,12 @@ class LatencyPredictor:
     # -- measuring ----------------------------------------------------------------------------
     def _measure(
         self, plans: list[PruningPlan], model: Any, example_inputs: Any, backend: Any,
-        progress: bool, rng: np.random.Generator, n_existing: int = 0,
+        progress: bool, first_chunk: int = 0, existing: pd.DataFrame | None = None,
+        split: str | None = None,
     ) -> pd.DataFrame:
+        """Measure ``plans`` in chunks (each timed interleaved with the dense model when
+        ``paired``); after every chunk, ``existing`` + the new rows are checkpointed to
+        ``data_path_`` so a killed fit resumes where it stopped."""
         import pandas as pd
         from tqdm.auto import tqdm
 
@@ -637,7 +641,9 @@ class LatencyPredictor:
                    disable=not progress, unit="plan")
         for start in range(0, len(plans), chunk):
             part = plans[start:start + chunk]
+            t = time.perf_counter()
             pruned = [_apply(apply_plan, model, p, example_inputs, self.spec_) for p in part]
+            prepare = (time.perf_counter() - t) / max(1, len(part))
             t = time.perf_counter()
             if self.paired:
                 if hasattr(backend, "measure_interleaved"):
@@ -658,12 +664,16 @@ class LatencyPredictor:
                     "n_runs": int(s.n_runs),
                     "ref_ms": float(ref.median_ms) if ref is not None else float("nan"),
                     "ref_iqr_ms": float(ref.iqr_ms) if ref is not None else float("nan"),
-                    "chunk": (n_existing + start) // chunk,
+                    "chunk": first_chunk + start // chunk,
                     "measure_seconds": seconds,
+                    "prepare_seconds": prepare,
+                    **({"split": split} if split is not None else {}),
                 })
+            new = pd.DataFrame.from_records(records)
+            self._save_rows(new if existing is None or not len(existing)
+                            else pd.concat([existing, new], ignore_index=True))
             bar.update(len(part))
         bar.close()
-        del rng
         return pd.DataFrame.from_records(records)
 
     # -- dataset I/O --------------------------------------------------------------------------
@@ -923,10 +933,10 @@ class LatencyPredictor:
             if not new_plans:
                 break
             base_rows = self.dataset_[[c for c in self.dataset_.columns if c in _BASE_COLUMNS]]
-            new = self._measure(new_plans, model, example_inputs, backend, progress, rng,
-                                n_existing=int(base_rows["chunk"].max() + 1) * int(self.chunk_size)
-                                if "chunk" in base_rows else len(base_rows))
-            new["split"] = "train"  # held-out plans stay held out; new ones only train
+            # held-out plans stay held out; the new ones only train
+            new = self._measure(new_plans, model, example_inputs, backend, progress,
+                                first_chunk=_next_chunk(base_rows), existing=base_rows,
+                                split="train")
             rows = pd.concat([base_rows, new], ignore_index=True)
             self._save_rows(rows)
             self._fit_rows(rows)
@@ -1050,7 +1060,13 @@ class LatencyPredictor:
 
 
 _BASE_COLUMNS = ("plan_json", "measured_ms", "iqr_ms", "n_runs", "ref_ms", "ref_iqr_ms", "chunk",
-                 "measure_seconds", "split")
+                 "measure_seconds", "prepare_seconds", "split")
+
+
+def _next_chunk(rows: pd.DataFrame) -> int:
+    if not len(rows) or "chunk" not in rows.columns or rows["chunk"].isna().all():
+        return 0
+    return int(rows["chunk"].max()) + 1
 
 
 def _plan_key(plan: PruningPlan) -> str:

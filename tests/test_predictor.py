@@ -358,3 +358,37 @@ def test_fit_on_onnxruntime_cpu_small_model():
     dense = pred.predict(PruningPlan.dense(spec))
     small = pred.predict(PruningPlan.uniform(spec, 0.25, alignment=16))
     assert small < dense
+
+
+@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
+def test_killed_fit_resumes_from_the_checkpointed_dataset(tmp_path):
+    from autoprune import analyze, get_backend, profile
+    from autoprune.measure import ProtocolSettings
+
+    model, x = _conv1d(64)
+    spec = analyze(model, x)
+    device = get_backend("synthetic", alignment=16, noise=0.01, protocol=ProtocolSettings.quick())
+    table = profile(model, x, device, spec=spec, root=None, progress=False)
+
+    class Dies(_Counting):
+        def measure_interleaved(self, models, example_inputs):
+            if self.models >= 10:  # third chunk: the process is "killed"
+                raise KeyboardInterrupt
+            return super().measure_interleaved(models, example_inputs)
+
+    path = tmp_path / "plans.csv"
+    est = LatencyPredictor(n_samples=16, chunk_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        est.fit(table=table, model=model, example_inputs=x, backend=Dies(device), spec=spec,
+                data_path=path, progress=False)
+    assert len(pd.read_csv(path)) == 8  # two chunks were checkpointed
+    counting = _Counting(device)
+    pred = LatencyPredictor(n_samples=16, chunk_size=4).fit(
+        table=table, model=model, example_inputs=x, backend=counting, spec=spec, data_path=path,
+        progress=False)
+    assert counting.models == 2 * 5  # only the 8 missing plans (+ one dense per chunk)
+    assert pred.n_measured_ == 16 and pred.dataset_["chunk"].nunique() == 4
+    full = LatencyPredictor(n_samples=16, chunk_size=4).fit(
+        table=table, model=model, example_inputs=x, backend=device, spec=spec,
+        data_path=tmp_path / "other.csv", progress=False)
+    assert list(full.dataset_["plan_json"]) == list(pred.dataset_["plan_json"])
