@@ -40,7 +40,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from autoprune.errors import CorruptFileError, InfeasibleBudgetError, InvalidInputError
+from autoprune.errors import (
+    AutoPruneError,
+    CorruptFileError,
+    InfeasibleBudgetError,
+    InvalidInputError,
+)
 from autoprune.plan import PruningPlan
 from autoprune.strategies.base import SearchProblem, plan_key
 from autoprune.types import ModelSpec, Structure
@@ -322,17 +327,47 @@ def trials_frame(study: optuna.Study, spec: ModelSpec, budget_ms: float,
 
 
 # --- latency / proxy adapters ------------------------------------------------------------
+class LatencyUnavailable(AutoPruneError):
+    """The latency model could not price a plan (e.g. a table miss it cannot interpolate)."""
+
+
 def _latency_fn(predictor: Any) -> Callable[[Sequence[PruningPlan]], np.ndarray]:
+    """Vectorised plan -> ms. A plan the model cannot price gets ``inf`` (never feasible, never
+    chosen by greedy/RL); for a single plan the reason is raised as ``LatencyUnavailable`` so
+    the trial fails with it."""
+    from autoprune.errors import AutoPruneError
+
     if hasattr(predictor, "predict_many"):
-        return lambda plans: np.asarray(predictor.predict_many(list(plans)), dtype=float)
-    if hasattr(predictor, "predict"):
-        return lambda plans: np.array([float(predictor.predict(p)) for p in plans])
-    if callable(predictor):
-        return lambda plans: np.array([float(predictor(p)) for p in plans])
-    raise InvalidInputError(
-        f"predictor must be a LatencyPredictor (predict/predict_many) or a callable plan -> ms, "
-        f"got {type(predictor).__name__}"
-    )
+        many: Callable[[list[PruningPlan]], Any] = lambda ps: predictor.predict_many(ps)
+        one: Callable[[PruningPlan], float] = lambda p: float(predictor.predict_many([p])[0])
+    elif hasattr(predictor, "predict"):
+        one = lambda p: float(predictor.predict(p))
+        many = lambda ps: [one(p) for p in ps]
+    elif callable(predictor):
+        one = lambda p: float(predictor(p))
+        many = lambda ps: [one(p) for p in ps]
+    else:
+        raise InvalidInputError(
+            f"predictor must be a LatencyPredictor (predict/predict_many) or a callable plan -> "
+            f"ms, got {type(predictor).__name__}"
+        )
+
+    def latency(plans: Sequence[PruningPlan]) -> np.ndarray:
+        plans = list(plans)
+        try:
+            return np.asarray(many(plans), dtype=float)
+        except AutoPruneError as e:
+            if len(plans) == 1:
+                raise LatencyUnavailable(f"{type(e).__name__}: {e}") from e
+        out = np.empty(len(plans))
+        for i, p in enumerate(plans):
+            try:
+                out[i] = one(p)
+            except AutoPruneError:
+                out[i] = math.inf
+        return out
+
+    return latency
 
 
 class TableLatencyModel:
@@ -341,24 +376,39 @@ class TableLatencyModel:
     two plans (the dense plan and the space's fastest plan): ``a + b x table_sum``.
 
     Cheaper than ``LatencyPredictor`` (two measurements instead of a sampled dataset) and less
-    accurate away from those two points; ``search(predictor="table")`` uses it. Fitted
+    accurate away from those two points; ``search(predictor="table")`` uses it. Widths the table
+    can neither find nor interpolate are measured on the fit backend and added to the table
+    (``measure_misses``; the table's ``measure`` policy). Fitted
     attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (table sum, measured ms) pairs.
     """
 
-    def __init__(self, table: Any, spec: ModelSpec, miss_policy: str = "interpolate") -> None:
+    def __init__(self, table: Any, spec: ModelSpec, miss_policy: str = "interpolate",
+                 measure_misses: bool = True) -> None:
         self.table = table
         self.spec = spec
         self.miss_policy = miss_policy
+        self.measure_misses = measure_misses
         self._cache: dict[tuple[str, str, float], float] = {}
+        self._backend: Any = None
 
     def table_sum_ms(self, plan: PruningPlan) -> float:
+        """Sum of table latencies; a miss the table cannot ``miss_policy`` is measured on the
+        fit backend (added to the table) when ``measure_misses``, else it raises."""
+        from autoprune.errors import TableMissError
+
         total = 0.0
         for p in self.spec.pruned_layers(plan):
             key = (p.spec.key(), p.structure.value, float(p.density))
             v = self._cache.get(key)
             if v is None:
-                v = float(self.table.lookup(p.spec, p.structure, p.density,
-                                            policy=self.miss_policy))
+                try:
+                    v = float(self.table.lookup(p.spec, p.structure, p.density,
+                                                policy=self.miss_policy))
+                except TableMissError:
+                    if not self.measure_misses or self._backend is None:
+                        raise
+                    v = float(self.table.lookup(p.spec, p.structure, p.density,
+                                                policy="measure", backend=self._backend))
                 self._cache[key] = v
             total += v
         return total
@@ -371,6 +421,7 @@ class TableLatencyModel:
 
         if len(plans) < 2:
             raise InvalidInputError("TableLatencyModel.fit needs at least two plans")
+        self._backend = backend
         sums = np.array([self.table_sum_ms(p) for p in plans])
         models = [apply_plan(model, p, example_inputs, spec=self.spec).eval() for p in plans]
         ms = np.array([s.median_ms for s in backend.measure_interleaved(models, example_inputs)])

@@ -69,6 +69,8 @@ def test_tpe_plan_meets_the_budget_when_measured(setup, tmp_path):
     chosen = fin[fin["chosen"]]
     assert len(chosen) == 1
     assert float(chosen["measured_latency_ms"].iloc[0]) <= budget
+    assert float(result.best_trial["proxy"]) == float(chosen["proxy"].iloc[0])
+    assert result.knee() is not None
     # every finalist that missed the budget is reported in the notes
     for n in fin.loc[~fin["meets_budget"], "trial"]:
         assert any(f"trial {n} " in note for note in result.notes)

@@ -191,3 +191,30 @@ def test_queued_retry_is_run_first_and_ask_tell_strategies_keep_their_plans(tmp_
     else:  # the greedy end point within the budget is among them
         target = greedy_plan(problem).to_dict()
         assert any(t.user_attrs["plan"] == target for t in study.trials[1:])
+
+
+def test_plans_the_latency_model_cannot_price_fail_their_trial(tmp_path):
+    """A table miss (or any predictor error) fails that trial with the reason; greedy treats
+    such plans as infinitely slow; the search goes on."""
+    from autoprune.errors import TableMissError
+    from autoprune.search import _latency_fn
+
+    spec = toy_spec()
+    base = toy_latency(spec)
+
+    class Picky:
+        def predict(self, plan):
+            if spec.kept_units(plan)["c3"] < 40:
+                raise TableMissError("cannot interpolate c3 below 40 channels")
+            return float(base([plan])[0])
+
+    problem = _problem(tmp_path, name="picky", budget_ratio=0.8)
+    problem.latency_ms = _latency_fn(Picky())
+    study = get_strategy("random").run(problem, 12)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed and all("latency prediction failed: TableMissError: cannot interpolate"
+                          in t.user_attrs["error"] for t in failed)
+    assert len(_counted(study)) == 12
+    path = greedy_path(problem)
+    assert all(math.isfinite(lat) for _, lat, _ in path)
+    assert all(spec.kept_units(p)["c3"] >= 40 for p, _, _ in path)

@@ -117,9 +117,19 @@ class SearchProblem:
         """Sample a plan through ``trial``, predict its latency, score it. A proxy failure
         records ``error`` and raises ``TrialFailure``."""
         plan = self.space.sample(trial)
-        latency = float(self.latency_ms([plan])[0])
-        macs, params = self.space.spec.count(plan)
         trial.set_user_attr("plan", plan.to_dict())
+        try:
+            latency = float(self.latency_ms([plan])[0])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - a plan the latency model cannot price
+            msg = f"latency prediction failed: {e}"
+            trial.set_user_attr("error", msg[:2000])
+            raise TrialFailure(msg) from e
+        if not math.isfinite(latency):
+            trial.set_user_attr("error", f"predicted latency is {latency}")
+            raise TrialFailure(f"predicted latency is {latency}")
+        macs, params = self.space.spec.count(plan)
         trial.set_user_attr("predicted_latency_ms", latency)
         trial.set_user_attr("macs", int(macs))
         trial.set_user_attr("params", int(params))
