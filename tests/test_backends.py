@@ -183,3 +183,15 @@ def test_torch_cuda_measures_and_2to4_linear():  # pragma: no cover - needs a GP
         assert sparse.median_ms > 0
     graphs = ap.get_backend("torch-cuda", cuda_graphs=True, protocol=QUICK)
     assert graphs.measure_layer(conv2d(64, 64, 16)).median_ms > 0
+
+
+def test_public_functions_survive_import_of_same_named_submodules():
+    # `import autoprune.analyze` (done by the profiler) sets the package attribute to the
+    # module; ap.analyze / ap.search must stay the functions the README calls
+    import importlib
+
+    importlib.import_module("autoprune.analyze")
+    importlib.import_module("autoprune.search")
+    assert callable(ap.analyze) and ap.analyze.__name__ == "analyze"
+    assert callable(ap.search) and ap.search.__name__ == "search"
+    assert ap.errors.TableMissError is not None  # the errors module stays a module
