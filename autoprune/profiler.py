@@ -250,6 +250,7 @@ def profile(
 ) -> LatencyTable:
     """Profile ``model`` on ``backend`` into a latency table (resumable, incremental).
 
+    ``model`` is only used to analyse it: with ``spec`` given it may be None.
     ``table``: extend this table (must be of the backend's device); default: the table in
     ``root/<device_id>`` if there is one, else a new one saved there (``root=None``: keep it in
     memory only). ``spec``: the model's ``ModelSpec`` (default ``autoprune.analyze``).

@@ -68,12 +68,13 @@ def test_detect_alignment_on_synthetic_staircase(step):
     assert detect_alignment(b) == step
 
 
-def test_detect_alignment_runs_on_real_cpu():
+def test_detect_alignment_runs_on_real_cpu(record_property):
     b = ap.get_backend("onnxruntime-cpu", threads=1)
     step, sweep = detect_alignment(b, max_width=48, candidates=(1, 2, 4, 8, 16),
                                    return_sweep=True)
     # recorded, not asserted: the step depends on the CPU (16 on AVX-512 with ONNX Runtime)
     print(f"detected alignment on this CPU: {step}; rss={sweep['rss']}")
+    record_property("detected_alignment", step)
     assert step in (1, 2, 4, 8, 16) and len(sweep["median_ms"]) == 48
     assert all(m > 0 for m in sweep["median_ms"])
 
