@@ -536,6 +536,10 @@ class LatencyPredictor:
         self._compiled = _Compiled(spec)
         self._cache: dict[tuple[int, int, int, int, float], tuple[float, ...]] = {}
         self.kinds_ = sorted({op.value for op in self._compiled.ops})
+        accelerated = getattr(table, "accelerated", None)
+        self._accelerated = np.array(
+            [True, True] + [bool(accelerated(_CODE_STRUCT[c])) if callable(accelerated) else True
+                            for c in (2, 3)] + [True])
         align = int(getattr(table, "alignment", 0) or 0)
         self.alignment_ = align if align > 1 else 16
         self.feature_names_ = self._feature_names()
@@ -997,7 +1001,10 @@ class LatencyPredictor:
         self, j: int, cin: np.ndarray, cout: np.ndarray, st: np.ndarray, dens: np.ndarray
     ) -> tuple[np.ndarray, ...]:
         """Table latency, MACs, params and activation elements of layer ``j`` for each plan;
-        each distinct (widths, structure, density) is looked up once and cached."""
+        each distinct (widths, structure, density) is looked up once and cached. A mask
+        structure the table's device does not accelerate is priced as dense (what the table's
+        own lookup does), so its densities do not multiply the distinct keys."""
+        st = np.where(self._accelerated[st], st, 0)
         if np.all(st == 0):
             code = (cin.astype(np.int64) << 32) | cout.astype(np.int64)
             uniq, inv = np.unique(code, return_inverse=True)

@@ -392,3 +392,25 @@ def test_killed_fit_resumes_from_the_checkpointed_dataset(tmp_path):
         table=table, model=model, example_inputs=x, backend=device, spec=spec,
         data_path=tmp_path / "other.csv", progress=False)
     assert list(full.dataset_["plan_json"]) == list(pred.dataset_["plan_json"])
+
+
+def test_masks_a_device_does_not_accelerate_are_priced_dense_without_new_lookups():
+    class CpuTable(StairTable):
+        def accelerated(self, structure: Structure) -> bool:
+            return False  # like ONNX Runtime CPU: masked weights run densely
+
+        def lookup(self, spec, structure=Structure.NONE, density=1.0, policy="raise"):
+            return super().lookup(spec, Structure.NONE, 1.0, policy)
+
+    spec, table = _spec(), CpuTable()
+    pred = LatencyPredictor(regressor="linear").fit(table=table, spec=spec,
+                                                    dataset=_dataset(spec, table, 40))
+    rng = np.random.default_rng(4)
+    masked = [PruningPlan(groups={g: GroupPlan("unstructured", float(rng.uniform(0.1, 1)))
+                                  for g in ("c1", "c2", "cat")}) for _ in range(500)]
+    before = table.calls
+    feats = pred.features(masked)
+    assert table.calls - before <= len(spec.layers)  # one dense lookup per layer, not 500
+    dense = pred.features([PruningPlan()])
+    np.testing.assert_allclose(feats["table_ms"], dense["table_ms"].iloc[0])
+    assert (feats["table_ms_masked"] > 0).all()  # the mask is still visible to the regressor
