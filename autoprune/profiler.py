@@ -307,8 +307,8 @@ def profile(
             bar.update(len(chunk))
     finally:
         bar.close()
-    if table.path is not None and not todo:
-        table.save()
+    if table.path is not None and not todo and not (table.path / "table.json").exists():
+        table.save()  # a new table with nothing to measure still gets its files
     return table
 
 

@@ -87,8 +87,12 @@ def test_profile_twice_measures_nothing_the_second_time(tmp_tables):
     assert len(t1) == 9 and t1.alignment == 16 and t1.alignment_sweep is not None
     assert n_sweep_and_grid == 96 + 9  # alignment sweep + grid
     b.measured.clear()
+    d = LatencyTable.default_dir(b.device_info(), tmp_tables)
+    stamps = [(d / f).stat().st_mtime_ns for f in ("table.csv", "table.json")]
     t2 = profile(None, None, b, spec=spec, root=tmp_tables, progress=False)
     assert b.measured == [] and len(t2) == 9
+    # nothing measured, nothing rewritten (shipped tables stay untouched by no-op runs)
+    assert [(d / f).stat().st_mtime_ns for f in ("table.csv", "table.json")] == stamps
     on_disk = LatencyTable.load(LatencyTable.default_dir(b.device_info(), tmp_tables))
     assert len(on_disk) == 9
 
