@@ -39,7 +39,7 @@ import dataclasses
 import io
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -185,7 +185,7 @@ class LatencyTable:
             key = entry_key(*key)
         return key in self._entries
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self) -> Iterator[Entry]:
         return iter(self._entries.values())
 
     def has(self, spec: LayerSpec, structure: Structure | str = Structure.NONE,

@@ -14,6 +14,9 @@ their mask's structure and density) plus a nonlinear whole-model term: ``model_o
 ``cache_penalty_ms_per_mb`` per MB of float32 weights beyond ``cache_mb``. So a predictor that
 sums table entries is exact up to that term, which it has to learn.
 
+The device fingerprint records the options and ``cost_fn``'s qualified name (two different
+lambdas share the name ``<lambda>``: give custom cost functions distinct names).
+
 ``noise`` is a relative standard deviation: every timed run is ``cost * (1 + noise * N(0, 1))``
 with a generator seeded by ``seed``; a measurement reports the median and IQR of
 ``protocol.min_runs`` such runs.
