@@ -118,6 +118,8 @@ def _trace_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> _Trace
     try:
         with torch.enable_grad():
             out = model(*inputs)
+    except Exception as e:  # noqa: BLE001 - the user's inputs do not fit the model
+        raise _inputs_error(model, inputs, e) from e
     finally:
         for h in handles:
             h.remove()
@@ -132,6 +134,15 @@ def _trace_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> _Trace
         elif isinstance(o, dict):
             stack.extend(o.values())
     return trace
+
+
+def _inputs_error(model: nn.Module, inputs: tuple[torch.Tensor, ...], err: Exception) -> InvalidInputError:
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+    return InvalidInputError(
+        f"{type(model).__name__} cannot run on example_inputs of shape {shapes} "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass inputs "
+        "of the shape the model is deployed with"
+    )
 
 
 def _consumers(output_fns: list[Any]) -> dict[Any, list[Any]]:
@@ -324,6 +335,11 @@ def build_graphs(
         return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
     except Exception as e:  # noqa: BLE001 - fall back to tracing parts
         first_error = f"{type(e).__name__}: {e}"
+        try:
+            with torch.no_grad():
+                model(*inputs)
+        except Exception as e2:  # noqa: BLE001 - not torch-pruning: the inputs do not fit
+            raise _inputs_error(model, inputs, e2) from e2
     graphs: dict[str, Any] = {}
     failures: dict[str, str] = {"": first_error}
     args_of = _module_inputs(model, inputs)

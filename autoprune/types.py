@@ -123,8 +123,11 @@ class LayerSpec:
             groups = out_channels
             in_channels = out_channels
         elif self.op == OpKind.ATTENTION:
-            head = self.out_channels // self.groups
-            groups = max(1, out_channels // head)
+            # torch-pruning shrinks nn.MultiheadAttention along the embedding, evenly per head:
+            # the head count stays whenever it divides the new width (head size shrinks)
+            if out_channels % self.groups != 0:
+                head = self.out_channels // self.groups
+                groups = max(1, out_channels // head)
         return dataclasses.replace(
             self, in_channels=in_channels, out_channels=out_channels, groups=groups
         )

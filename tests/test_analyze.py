@@ -187,3 +187,12 @@ def test_shufflenet_channel_shuffle_is_traced_in_parts():
     assert Structure.CHANNEL in inner.allowed
     crossing = spec.groups["stage2.0.branch2.5"]  # output goes through the shuffle
     assert Structure.CHANNEL not in crossing.allowed and Structure.NM in crossing.allowed
+
+
+def test_inputs_that_do_not_fit_the_model_are_an_input_error():
+    with pytest.raises(InvalidInputError, match=r"example_inputs of shape \(1, 3, 40\)"):
+        analyze(zoo.conv1d_net(), torch.randn(1, 3, 40))
+    from autoprune.analyze import build_graphs
+
+    with pytest.raises(InvalidInputError, match=r"\(1, 32\)"):
+        build_graphs(zoo.mlp(), (torch.randn(1, 32),))

@@ -71,6 +71,10 @@ def weight_counts(model: nn.Module) -> int:
     return total
 
 
+def mods_spec(spec, plan) -> dict:
+    return {pl.name: pl.spec for pl in spec.pruned_layers(plan)}
+
+
 def _mixed_plan(spec, seed: int) -> PruningPlan:
     """A random plan that contains every structure the model offers (retrying seeds)."""
     offered = {s for g in spec.groups.values() for s in g.allowed} - {Structure.NONE}
@@ -140,6 +144,12 @@ def test_pruned_model_runs_and_counts_match_spec(family):
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             assert (m.in_channels, m.out_channels, m.groups) == (
                 pl.spec.in_channels, pl.spec.out_channels, pl.spec.groups), pl.name
+    for path, m in pruned.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and f"{path}.attention" in mods_spec(spec, plan):
+            att = mods_spec(spec, plan)[f"{path}.attention"]
+            assert (att.in_channels, att.groups) == (m.embed_dim, m.num_heads), path
+            inp = mods_spec(spec, plan)[f"{path}.in_proj"]
+            assert (inp.out_channels, inp.in_channels) == tuple(m.in_proj_weight.shape), path
     # removed blocks are identities
     for name, gp in plan.groups.items():
         if gp.structure == Structure.BLOCK:
