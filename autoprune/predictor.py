@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 DATASET_SCHEMA_VERSION = 1
 
 RegressorName = Literal["auto", "linear", "boosted", "gbr"]
+Statistic = Literal["median", "min"]
 MissPolicy = Literal["raise", "measure", "interpolate"]
 
 
@@ -348,6 +349,9 @@ class LatencyPredictor:
     paired: time every chunk of plans interleaved with the dense model and fit on
         ``measured / dense-in-same-chunk x median dense``, which cancels drift on a shared
         machine (DESIGN §5). Raw medians are stored as well.
+    statistic: what a measurement contributes: ``"median"`` (default, DESIGN §5) or ``"min"``
+        (the fastest run: far steadier than the median when other jobs preempt the timed
+        runs; both are stored, so switching needs no new measurements).
     structures: structures to sample (None: all a group allows). min_keep_ratio,
         block_probability: range of the sampled plans. align_to_table: also sample plans whose
         widths are snapped to the table's alignment (half of them).
@@ -371,6 +375,7 @@ class LatencyPredictor:
         target_within_10: float = 0.95,
         max_samples: int = 240,
         paired: bool = True,
+        statistic: Statistic = "median",
         structures: tuple[Structure | str, ...] | None = None,
         min_keep_ratio: float = 0.1,
         block_probability: float = 0.15,
@@ -388,6 +393,7 @@ class LatencyPredictor:
         self.target_within_10 = target_within_10
         self.max_samples = max_samples
         self.paired = paired
+        self.statistic = statistic
         self.structures = structures
         self.min_keep_ratio = min_keep_ratio
         self.block_probability = block_probability
@@ -404,6 +410,7 @@ class LatencyPredictor:
             "miss_policy": self.miss_policy, "random_state": self.random_state,
             "active": self.active, "target_within_10": self.target_within_10,
             "max_samples": self.max_samples, "paired": self.paired,
+            "statistic": self.statistic,
             "structures": None if self.structures is None
             else [Structure(s).value for s in self.structures],
             "min_keep_ratio": self.min_keep_ratio, "block_probability": self.block_probability,
@@ -447,6 +454,10 @@ class LatencyPredictor:
             )
         if int(self.cv_folds) < 2:
             raise InvalidInputError(f"cv_folds must be >= 2, got {self.cv_folds!r}")
+        if self.statistic not in ("median", "min"):
+            raise InvalidInputError(
+                f"statistic must be 'median' or 'min', got {self.statistic!r}"
+            )
         if int(self.chunk_size) < 1:
             raise InvalidInputError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
 
@@ -666,6 +677,8 @@ class LatencyPredictor:
                     "measured_ms": float(s.median_ms),
                     "iqr_ms": float(s.iqr_ms),
                     "n_runs": int(s.n_runs),
+                    "min_ms": float(s.min_ms),
+                    "ref_min_ms": float(ref.min_ms) if ref is not None else float("nan"),
                     "ref_ms": float(ref.median_ms) if ref is not None else float("nan"),
                     "ref_iqr_ms": float(ref.iqr_ms) if ref is not None else float("nan"),
                     "chunk": first_chunk + start // chunk,
@@ -821,13 +834,22 @@ class LatencyPredictor:
             rows = pd.concat([rows.drop(columns=[c for c in self.feature_names_
                                                  if c in rows.columns]), feats], axis=1)
         # paired target: measured / dense-in-same-chunk x median dense
-        if self.paired and "ref_ms" in rows.columns and rows["ref_ms"].notna().all():
-            dense_ms = float(np.median(rows.groupby("chunk")["ref_ms"].first())) \
-                if "chunk" in rows.columns else float(np.median(rows["ref_ms"]))
-            rows["latency_ms"] = rows["measured_ms"] / rows["ref_ms"] * dense_ms
+        own, ref = ("measured_ms", "ref_ms") if self.statistic == "median" \
+            else ("min_ms", "ref_min_ms")
+        paired = self.paired and "ref_ms" in rows.columns and rows["ref_ms"].notna().all()
+        for c in ((own, ref) if paired else (own,)) if self.statistic == "min" else ():
+            if c not in rows.columns or rows[c].isna().any() or (rows[c] <= 0).any():
+                raise CorruptFileError(
+                    f"statistic='min' needs a positive {c} on every row; this dataset lacks it "
+                    "(measured before minimums were recorded?): use statistic='median'"
+                )
+        if paired:
+            dense_ms = float(np.median(rows.groupby("chunk")[ref].first())) \
+                if "chunk" in rows.columns else float(np.median(rows[ref]))
+            rows["latency_ms"] = rows[own] / rows[ref] * dense_ms
         else:
             dense_ms = float("nan")
-            rows["latency_ms"] = rows["measured_ms"]
+            rows["latency_ms"] = rows[own]
         self.dense_ms_ = dense_ms
         if "split" not in rows.columns or rows["split"].isna().any():
             rows["split"] = self._split(len(rows), rows.get("split"))
@@ -1066,7 +1088,8 @@ class LatencyPredictor:
         )
 
 
-_BASE_COLUMNS = ("plan_json", "measured_ms", "iqr_ms", "n_runs", "ref_ms", "ref_iqr_ms", "chunk",
+_BASE_COLUMNS = ("plan_json", "measured_ms", "iqr_ms", "n_runs", "min_ms", "ref_ms", "ref_iqr_ms",
+                 "ref_min_ms", "chunk",
                  "measure_seconds", "prepare_seconds", "split")
 
 

@@ -97,13 +97,20 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     measure_s = float(ds["measure_seconds"].sum()) if "measure_seconds" in ds else float("nan")
     rows: dict[str, Any] = {m: pred.report_.loc[m].to_dict() for m in pred.report_.index}
     # every regressor on the same measured plans (no new measurements)
+    # (statistic "min": the same plans, fitted and scored on each measurement's fastest run)
     per_regressor: dict[str, Any] = {}
-    for reg in ("linear", "boosted", "gbr"):
-        alt = LatencyPredictor(regressor=reg, monotone=reg != "gbr", random_state=args.seed,
-                               n_samples=args.n_samples).fit(
-            table=table, spec=spec, dataset=ds[[c for c in ds.columns
-                                                 if c not in ("latency_ms", "predicted_ms")]])
-        per_regressor[reg] = alt.report_.loc["predictor"].to_dict()
+    base = ds[[c for c in ds.columns if c not in ("latency_ms", "predicted_ms")]]
+    for statistic in ("median", "min"):
+        for reg in ("auto", "linear", "boosted", "gbr"):
+            alt = LatencyPredictor(regressor=reg, monotone=reg != "gbr", random_state=args.seed,
+                                   n_samples=args.n_samples, statistic=statistic).fit(
+                table=table, spec=spec, dataset=base)
+            row = alt.report_.loc["predictor"].to_dict()
+            row["chosen"] = alt.regressor_
+            per_regressor[f"{reg}/{statistic}"] = row
+            if reg == "auto":
+                for m in ("table_sum", "flops_linear"):
+                    per_regressor[f"{m}/{statistic}"] = alt.report_.loc[m].to_dict()
     # throughput
     rng = np.random.default_rng(123)
     chan = [random_plan(spec, rng, structures=("channel",), alignment=table.alignment or 1,
@@ -148,6 +155,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "measured_ms_range": [float(ds["measured_ms"].min()), float(ds["measured_ms"].max())],
         "rel_iqr_median": float(np.median(rel_iqr)),
         "rel_iqr_p90": float(np.quantile(rel_iqr, 0.9)),
+        "dense_ref_ms_by_chunk": [float(v) for v in ds.groupby("chunk")["ref_ms"].first()],
         "report": rows,
         "per_regressor": per_regressor,
         "throughput": thr,
@@ -169,11 +177,14 @@ def _markdown(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {head} | {name} | {100 * v['within_5pct']:.0f}% | "
                          f"{100 * v['within_10pct']:.0f}% | {100 * v['mape']:.1f}% | "
                          f"{v['spearman']:.3f} |")
-    lines += ["", "| model | regressor | within ±10% | MAPE |", "|---|---|---|---|"]
+    lines += ["", "| model | method / statistic | within ±5% | within ±10% | MAPE | Spearman |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         for reg, v in r["per_regressor"].items():
-            lines.append(f"| {r['model']} | {reg} | {100 * v['within_10pct']:.0f}% | "
-                         f"{100 * v['mape']:.1f}% |")
+            name = f"{reg} ({v['chosen']})" if "chosen" in v and reg.startswith("auto") else reg
+            lines.append(f"| {r['model']} | {name} | {100 * v['within_5pct']:.0f}% | "
+                         f"{100 * v['within_10pct']:.0f}% | {100 * v['mape']:.1f}% | "
+                         f"{v['spearman']:.3f} |")
     lines += ["", "| model | layers | plans/s channel (warm) | plans/s mixed (warm) | "
               "plans/s mixed (cold) | one predict µs | run IQR/median (p90) |",
               "|---|---|---|---|---|---|---|"]

@@ -414,3 +414,18 @@ def test_masks_a_device_does_not_accelerate_are_priced_dense_without_new_lookups
     dense = pred.features([PruningPlan()])
     np.testing.assert_allclose(feats["table_ms"], dense["table_ms"].iloc[0])
     assert (feats["table_ms_masked"] > 0).all()  # the mask is still visible to the regressor
+
+
+def test_statistic_min_fits_the_fastest_runs_and_needs_them():
+    from autoprune.errors import CorruptFileError
+
+    spec, table = _spec(), StairTable()
+    data = _dataset(spec, table, 60)
+    with pytest.raises(CorruptFileError, match="min_ms"):
+        LatencyPredictor(statistic="min").fit(table=table, spec=spec, dataset=data)
+    with pytest.raises(InvalidInputError, match="statistic"):
+        LatencyPredictor(statistic="mean").fit(table=table, spec=spec, dataset=data)
+    noisy = data.assign(min_ms=data["measured_ms"], measured_ms=data["measured_ms"] * 1.3)
+    pred = LatencyPredictor(statistic="min").fit(table=table, spec=spec, dataset=noisy)
+    np.testing.assert_allclose(pred.dataset_["latency_ms"], data["measured_ms"])
+    assert pred.report_.loc["predictor", "mape"] < 0.02
