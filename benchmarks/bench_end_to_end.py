@@ -194,30 +194,44 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
 
     note = ""
     result = None
-    # the default space first; a budget below its fastest plan retries with narrower widths
-    # allowed (min_keep_ratio 0.05); below that too, the space's fastest plan is taken
-    for space_options in ({}, {"min_keep_ratio": 0.05}):
+    # the default space first; a budget below its predicted fastest plan retries with narrower
+    # widths allowed (min_keep_ratio 0.05), then searches just above the predicted floor and
+    # lets the measured paired ratio decide; only if all fail is the space's fastest plan taken
+    attempts: list[tuple[dict[str, Any], float | None]] = [
+        ({}, None), ({"min_keep_ratio": 0.05}, None)]
+    i = 0
+    while i < len(attempts):
+        space_options, floor_ms = attempts[i]
+        i += 1
+        search_ms = budget_ms if floor_ms is None else floor_ms
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = search(model, (x,), device=backend, latency_budget_ms=budget_ms,
+                result = search(model, (x,), device=backend, latency_budget_ms=search_ms,
                                 evaluator=accuracy_evaluator(hold, calib_loader=train,
                                                              finetune_steps=proxy_steps),
                                 n_trials=n_trials, table=cache["table"], predictor=predictor,
-                                run_dir=run_dir / f"space{len(space_options)}", seed=seed,
+                                run_dir=run_dir / f"space{len(space_options)}_{i}", seed=seed,
                                 progress=False, spec=spec, verify_finalists=False,
                                 space_options=space_options)
             if space_options:
-                note = "searched with min_keep_ratio=0.05;"
+                note += " searched with min_keep_ratio=0.05;"
+            if floor_ms is not None:
+                note += (f" searched at 1.15x the predicted floor ({floor_ms:.4g} ms), plans "
+                         "then selected by measured ratio;")
             break
         except InfeasibleBudgetError as e:
-            note = f"infeasible for the default space ({e.fastest_ms:.4g} ms predicted fastest);"
+            note = f"budget below the predicted fastest plan ({e.fastest_ms:.4g} ms);"
+            if space_options and floor_ms is None:
+                # the predictor's floor can be pessimistic for overhead-bound models: search
+                # just above it and let the measured paired ratio decide
+                attempts.append((space_options, 1.15 * e.fastest_ms))
     if result is None:
         space = SearchSpace.from_spec(spec, cache["table"], backend, min_keep_ratio=0.05)
         plan = space.fastest_plan()
         note += " below the fastest plan of the space: fastest plan taken"
         return apply_plan(model, plan, (x,), spec=spec), plan, note
-    plan = _select_by_ratio(result, model, (x,), spec, backend, frac, run_dir, budget_ms)
+    plan = _select_by_ratio(result, model, (x,), spec, backend, frac, run_dir, search_ms)
     if plan is None:  # nothing measured within budget: take the fastest re-measured finalist
         fin = result.finalists.sort_values("measured_ratio")
         plan = PruningPlan.from_json(fin["plan"].iloc[0])
