@@ -8,6 +8,10 @@ conv-BN-ReLU stages). This example uses the stages one by one instead of ``run_p
 to show what each returns:
 
 analyze → profile → fit predictor → search → apply → fine-tune → verify → export.
+
+``verify`` is a fresh measurement; on a busy machine it can disagree with the search's own
+finalist check by a few percent. ``run_pipeline(..., budget_fraction=, budget_headroom=)``
+selects with a safety margin and checks both with paired ratios against the dense model.
 """
 
 from __future__ import annotations

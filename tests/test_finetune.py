@@ -259,7 +259,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     model = _net()
     _install_masks(model)
     res = finetune(model, _loader(), epochs=1, lr=0.05, progress=False,
-                   checkpoint_dir=out if rank == 0 else out)
+                   checkpoint_dir=out)  # both ranks pass it; only rank 0 writes
     torch.save({"w": model[8].weight.detach(), "steps": res.steps_run}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
