@@ -13,7 +13,7 @@ then re-measure finalists on the device.
 Finalists and the budget guarantee: candidates are the feasible trials (predicted within
 budget) in this order: the best proxy, the front's knee, then the remaining ones by proxy.
 The first ``n_finalists`` are applied and timed against the dense model (paired, alternating
-runs: ``measured = ratio x dense``). A candidate whose measured latency misses the budget is
+runs: ``measured = ratio x dense``, with ``dense`` the median of three measurements). A candidate whose measured latency misses the budget is
 reported (a warning and a note) and the next one is tried, up to ``max_remeasure`` candidates.
 ``best_plan`` is the best-proxy finalist that met the budget when measured; if none did,
 ``best_plan`` is ``None`` and ``result.notes`` says why (the trials are kept: a tighter
@@ -779,8 +779,17 @@ def _finalists(result: SearchResult, study: optuna.Study, model: nn.Module,
     from autoprune.executor import apply_plan
 
     dense_model = copy.deepcopy(model).eval()
-    dense_ms = float(backend.measure_model(dense_model, example_inputs).median_ms)
+    # the dense reference: median of three separate measurements (one burst of load on a
+    # shared machine must not move every finalist's absolute latency)
+    dense_runs = [float(backend.measure_model(dense_model, example_inputs).median_ms)
+                  for _ in range(3)]
+    dense_ms = float(np.median(dense_runs))
     result.dense_latency_ms = dense_ms
+    if max(dense_runs) > 1.25 * min(dense_runs):
+        result.notes.append(
+            f"dense latency varied between measurements ({min(dense_runs):.4g} to "
+            f"{max(dense_runs):.4g} ms): the device is noisy; finalists use the median "
+            f"{dense_ms:.4g} ms x their paired ratio")
     limit = max(n_finalists, min(max_remeasure, len(order)))
     met = 0
     for i, (n, role) in enumerate(order):
