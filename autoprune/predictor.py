@@ -353,8 +353,12 @@ class LatencyPredictor:
         (the fastest run: far steadier than the median when other jobs preempt the timed
         runs; both are stored, so switching needs no new measurements).
     structures: structures to sample (None: all a group allows). min_keep_ratio,
-        block_probability: range of the sampled plans. align_to_table: also sample plans whose
-        widths are snapped to the table's alignment (half of them).
+        block_probability: range of the sampled plans. aligned_share: share of sampled plans
+        whose widths snap to the table's alignment (the rest keep any width). The default 1.0
+        matches the search space, which snaps to the table's alignment; on devices where an
+        unaligned width costs more than the next aligned one (ONNX Runtime on AVX-512: the
+        table's interpolation rounds up and cannot see it) sample unaligned plans only with
+        ``monotone=False`` so that ``gbr`` can use the misalignment features.
     cv_folds: folds for ``regressor="auto"``. chunk_size: plans per interleaved measurement.
 
     Fitted attributes: ``spec_``, ``table_``, ``dataset_`` (DataFrame), ``report_`` (DataFrame,
@@ -379,7 +383,7 @@ class LatencyPredictor:
         structures: tuple[Structure | str, ...] | None = None,
         min_keep_ratio: float = 0.1,
         block_probability: float = 0.15,
-        align_to_table: bool = True,
+        aligned_share: float = 1.0,
         cv_folds: int = 5,
         chunk_size: int = 8,
     ) -> None:
@@ -397,7 +401,7 @@ class LatencyPredictor:
         self.structures = structures
         self.min_keep_ratio = min_keep_ratio
         self.block_probability = block_probability
-        self.align_to_table = align_to_table
+        self.aligned_share = aligned_share
         self.cv_folds = cv_folds
         self.chunk_size = chunk_size
 
@@ -414,7 +418,7 @@ class LatencyPredictor:
             "structures": None if self.structures is None
             else [Structure(s).value for s in self.structures],
             "min_keep_ratio": self.min_keep_ratio, "block_probability": self.block_probability,
-            "align_to_table": self.align_to_table, "cv_folds": self.cv_folds,
+            "aligned_share": self.aligned_share, "cv_folds": self.cv_folds,
             "chunk_size": self.chunk_size,
         }
 
@@ -457,6 +461,10 @@ class LatencyPredictor:
         if self.statistic not in ("median", "min"):
             raise InvalidInputError(
                 f"statistic must be 'median' or 'min', got {self.statistic!r}"
+            )
+        if not 0.0 <= float(self.aligned_share) <= 1.0:
+            raise InvalidInputError(
+                f"aligned_share must be in [0, 1], got {self.aligned_share!r}"
             )
         if int(self.chunk_size) < 1:
             raise InvalidInputError(f"chunk_size must be >= 1, got {self.chunk_size!r}")
@@ -572,7 +580,7 @@ class LatencyPredictor:
     def _sample_plans(self, rng: np.random.Generator, n: int) -> list[PruningPlan]:
         """The dense plan, then random plans: half with independent per-group keep ratios,
         half around a shared level (so whole-network latency spreads over the full range);
-        half of them snapped to the table's alignment. Plans that price the same (same kept
+        ``aligned_share`` of them snapped to the table's alignment. Plans that price the same (same kept
         widths, structures and removed blocks) are measured once."""
         plans = [PruningPlan.dense(self.spec_)]
         seen = {self._signature(plans[0])}
@@ -596,7 +604,7 @@ class LatencyPredictor:
         allowed structure (``none`` included); keep ratios uniform in [min_keep_ratio, 1] or,
         when ``leveled``, spread around one level drawn for the whole plan."""
         spec = self.spec_
-        align = self.alignment_ if (self.align_to_table and rng.random() < 0.5) else 1
+        align = self.alignment_ if rng.random() < float(self.aligned_share) else 1
         wanted = None if self.structures is None else {Structure(s) for s in self.structures}
         lo = float(self.min_keep_ratio)
         level = rng.uniform(lo, 1.0)

@@ -89,7 +89,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     data_path = Path(args.out) / f"dataset_{name}.csv"
     t0 = time.perf_counter()
     pred = LatencyPredictor(n_samples=args.n_samples, random_state=args.seed, active=args.active,
-                            max_samples=max(args.max_samples, args.n_samples)).fit(
+                            max_samples=max(args.max_samples, args.n_samples),
+                            aligned_share=args.aligned_share).fit(
         table=table, model=model, example_inputs=x, backend=backend, spec=spec,
         data_path=data_path, progress=not args.no_progress)
     fit_s = time.perf_counter() - t0
@@ -111,6 +112,33 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             if reg == "auto":
                 for m in ("table_sum", "flops_linear"):
                     per_regressor[f"{m}/{statistic}"] = alt.report_.loc[m].to_dict()
+    # the plans the search asks about: widths snapped to the table's alignment (the dataset
+    # also holds unaligned plans when it was sampled with aligned_share < 1)
+    aligned = np.array([json.loads(t)["alignment"] == table.alignment or not json.loads(t)["groups"]
+                        for t in base["plan_json"]])
+    per_aligned: dict[str, Any] = {}
+    if aligned.sum() < len(base) and aligned.sum() >= 20:
+        sub = base[aligned].reset_index(drop=True)
+        for statistic in ("median", "min"):
+            for reg in ("auto", "gbr"):
+                alt = LatencyPredictor(regressor=reg, monotone=reg != "gbr",
+                                       random_state=args.seed, statistic=statistic).fit(
+                    table=table, spec=spec, dataset=sub)
+                row = alt.report_.loc["predictor"].to_dict()
+                row["chosen"] = alt.regressor_
+                per_aligned[f"{reg}/{statistic}"] = row
+                if reg == "auto":
+                    for m in ("table_sum", "flops_linear"):
+                        per_aligned[f"{m}/{statistic}"] = alt.report_.loc[m].to_dict()
+    # noise floor: the dense model is re-measured in every chunk; how often do those repeats
+    # land within ±10% of their own median?
+    noise_floor: dict[str, float] = {}
+    for statistic, col in (("median", "ref_ms"), ("min", "ref_min_ms")):
+        if col in ds.columns:
+            refs = ds.groupby("chunk")[col].first().to_numpy(float)
+            dev = np.abs(refs / np.median(refs) - 1.0)
+            noise_floor[f"{statistic}_within_10pct"] = float(np.mean(dev <= 0.10))
+            noise_floor[f"{statistic}_max_dev"] = float(dev.max())
     # throughput
     rng = np.random.default_rng(123)
     chan = [random_plan(spec, rng, structures=("channel",), alignment=table.alignment or 1,
@@ -158,6 +186,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "dense_ref_ms_by_chunk": [float(v) for v in ds.groupby("chunk")["ref_ms"].first()],
         "report": rows,
         "per_regressor": per_regressor,
+        "aligned_only": per_aligned,
+        "n_aligned": int(aligned.sum()),
+        "noise_floor": noise_floor,
         "throughput": thr,
         "active_rounds": int(getattr(pred, "active_rounds_", 0)),
     }
@@ -185,6 +216,24 @@ def _markdown(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {r['model']} | {name} | {100 * v['within_5pct']:.0f}% | "
                          f"{100 * v['within_10pct']:.0f}% | {100 * v['mape']:.1f}% | "
                          f"{v['spearman']:.3f} |")
+    lines += ["", "aligned plans only:", "",
+              "| model | method / statistic | within ±5% | within ±10% | MAPE | Spearman |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        for reg, v in r.get("aligned_only", {}).items():
+            name = f"{reg} ({v['chosen']})" if "chosen" in v and reg.startswith("auto") else reg
+            lines.append(f"| {r['model']} ({r['n_aligned']} plans) | {name} | "
+                         f"{100 * v['within_5pct']:.0f}% | {100 * v['within_10pct']:.0f}% | "
+                         f"{100 * v['mape']:.1f}% | {v['spearman']:.3f} |")
+    lines += ["", "| model | dense repeats within ±10% of their median: median / min statistic "
+              "| max deviation median / min |", "|---|---|---|"]
+    for r in results:
+        n = r.get("noise_floor", {})
+        if n:
+            lines.append(f"| {r['model']} | {100 * n['median_within_10pct']:.0f}% / "
+                         f"{100 * n.get('min_within_10pct', float('nan')):.0f}% | "
+                         f"{100 * n['median_max_dev']:.0f}% / "
+                         f"{100 * n.get('min_max_dev', float('nan')):.0f}% |")
     lines += ["", "| model | layers | plans/s channel (warm) | plans/s mixed (warm) | "
               "plans/s mixed (cold) | one predict µs | run IQR/median (p90) |",
               "|---|---|---|---|---|---|---|"]
@@ -204,6 +253,9 @@ def main() -> None:
     ap.add_argument("--active", action="store_true")
     ap.add_argument("--max-samples", type=int, default=240)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--aligned-share", type=float, default=0.5,
+                    help="share of measured plans snapped to the table's alignment (the rest "
+                         "unaligned, to show what misalignment costs the predictor)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-throughput", type=int, default=20000)
     ap.add_argument("--shipped-root", default="latency_tables")
