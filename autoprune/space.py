@@ -137,7 +137,7 @@ class SearchSpace:
         nm_m: int = 4,
         allow_unstructured: bool | Literal["auto"] = "auto",
         allow_block: bool = False,
-        frozen: tuple[str, ...] | list[str] = (),
+        frozen: tuple[str, ...] | list[str] | str | None = (),
         importance: str = "l2",
         max_grid: int = 64,
         groups: dict[str, dict[str, Any]] | None = None,
@@ -147,6 +147,15 @@ class SearchSpace:
         ``groups`` maps group-name glob patterns to overrides (see ``GROUP_OPTIONS``); a
         pattern that matches no group is a ``SearchSpaceError``.
         """
+        if frozen is None:
+            frozen = ()
+        if isinstance(frozen, str):
+            frozen = (frozen,)
+        if not isinstance(frozen, (list, tuple)):
+            raise SearchSpaceError(f"frozen must be a list of group-name patterns, got {frozen!r}")
+        if groups is not None and not isinstance(groups, dict):
+            raise SearchSpaceError(f"groups must be a mapping of group-name pattern -> overrides "
+                                   f"(allowed keys: {', '.join(GROUP_OPTIONS)}), got {groups!r}")
         options = {
             "alignment": alignment, "min_keep_ratio": min_keep_ratio, "min_units": min_units,
             "structures": [str(Structure(s)) if not isinstance(s, Structure) else s.value
@@ -217,13 +226,18 @@ class SearchSpace:
         path = resolve_preset(path_or_name)
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise SearchSpaceError(f"{path}: invalid YAML ({e})") from None
+        except (yaml.YAMLError, ValueError, RecursionError, UnicodeDecodeError) as e:
+            raise SearchSpaceError(f"{path}: invalid YAML ({type(e).__name__}: "
+                                   f"{str(e)[:300]})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise SearchSpaceError(f"{path}: a search space must be a mapping of keys, "
                                    f"got {type(data).__name__}")
+        bad = sorted(repr(k) for k in data if not isinstance(k, str))
+        if bad:
+            raise SearchSpaceError(f"{path}: unknown key(s) [{', '.join(bad)}]; allowed: "
+                                   f"{', '.join(SPACE_OPTIONS)}")
         data = {k: v for k, v in data.items() if k not in META_KEYS}
         data.update(overrides)
         unknown = sorted(set(data) - set(SPACE_OPTIONS))
