@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autoprune.errors import AutoPruneError
@@ -195,25 +195,12 @@ def _space_from(tmp_path: Path, text: str) -> Any:
         return None
 
 
-# Bugs this file found in autoprune/space.py (owned by the search work; reported, not fixed
-# here). Remove the xfail marks once space.py catches them.
-SPACE_BUG_NON_DICT_GROUPS = ("space.py: from_spec calls dict(groups) / list(frozen) before "
-                             "validating them (TypeError/ValueError on groups: auto, frozen: null)")
-SPACE_BUG_MIXED_KEYS = "space.py: from_yaml sorts unknown keys of mixed types (TypeError)"
-SPACE_BUG_YAML_ERRORS = ("space.py: from_yaml lets yaml.safe_load's ValueError (bad dates) and "
-                         "RecursionError (deep nesting) through")
-
-
 @SETTINGS
 @given(space_like)
 def test_space_from_arbitrary_mapping_raises_only_autoprune_errors(tmp_path: Path,
                                                                    d: dict[str, Any]) -> None:
     import optuna
 
-    # the known bug is pinned by test_space_from_pathological_yaml["groups: auto"] and
-    # ["frozen: null"]; leave it out here so the rest of the space is still explored
-    assume(isinstance(d.get("groups", {}), dict))
-    assume(isinstance(d.get("frozen", []), (list, str, dict)))
     space = _space_from(tmp_path, json.dumps(d))  # JSON is YAML
     if space is None:
         return
@@ -234,16 +221,9 @@ def test_space_from_arbitrary_yaml_text_raises_only_autoprune_errors(tmp_path: P
 
 @pytest.mark.parametrize(
     "text",
-    [pytest.param("{1: 2, a: 3}", marks=pytest.mark.xfail(strict=False,
-                                                          reason=SPACE_BUG_MIXED_KEYS)),
-     pytest.param("alignment: 2021-02-30", marks=pytest.mark.xfail(strict=False,
-                                                                   reason=SPACE_BUG_YAML_ERRORS)),
-     pytest.param("[" * 1100, marks=pytest.mark.xfail(strict=False, reason=SPACE_BUG_YAML_ERRORS)),
+    ["{1: 2, a: 3}", "alignment: 2021-02-30", "[" * 1100,  # found by this file, fixed
+     "groups: auto", "frozen: null", "frozen: 5",  # in space.py
      "? [a, b]\n: 1", "min_keep_ratio: .nan",
-     pytest.param("groups: auto", marks=pytest.mark.xfail(strict=False,
-                                                          reason=SPACE_BUG_NON_DICT_GROUPS)),
-     pytest.param("frozen: null", marks=pytest.mark.xfail(strict=False,
-                                                          reason=SPACE_BUG_NON_DICT_GROUPS)),
      "groups: {c*: {min_keep_ratio: 0.9, max_keep_ratio: 0.1}}",
      "&a [*a]", "alignment: !!python/object/apply:os.system ['true']"],
 )
