@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "FinetuneResult": "autoprune.finetune",
     "GradualSchedule": "autoprune.finetune",
     "PruningCallback": "autoprune.finetune",
+    "make_storage": "autoprune.storage",
     "errors": "autoprune.errors",
 }
 
