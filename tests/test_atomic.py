@@ -124,7 +124,8 @@ def _run_and_kill(mode: str, path: Path, kills: int, rng: random.Random) -> tupl
 @pytest.mark.timeout(180)
 def test_readers_see_old_or_new_file_whole_under_sigkill(tmp_path: Path, mode: str) -> None:
     path = tmp_path / f"artifact.{mode}"
-    seen, torn = _run_and_kill(mode, path, kills=3, rng=random.Random(MODES.index(mode)))
+    kills = 2 if mode == "torch" else 3  # each torch writer start imports torch (slow)
+    seen, torn = _run_and_kill(mode, path, kills=kills, rng=random.Random(MODES.index(mode)))
     assert torn == 0
     # the writer really did replace the file while we read it
     assert len(seen) >= 2
