@@ -546,6 +546,8 @@ class LatencyPredictor:
         self._fit_rows(rows)
         if self.active and dataset is None:
             self._active_loop(model, example_inputs, backend, progress)
+        if self.data_path_ is not None:  # the fitted state: features, split, chosen regressor
+            self._write(self.data_path_, self.dataset_)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -800,6 +802,17 @@ class LatencyPredictor:
             params = dict(meta["params"])
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{_meta_path(path)}: malformed sidecar ({e})") from None
+        if "align_to_table" in params:  # written by an early development version
+            params["aligned_share"] = 0.5 if params.pop("align_to_table") else 0.0
+        import inspect
+
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise CorruptFileError(
+                f"{_meta_path(path)}: unknown predictor parameters {unknown}; it was written by "
+                "another autoprune version: refit with LatencyPredictor().fit(dataset=...)"
+            )
         if params.get("structures") is not None:
             params["structures"] = tuple(params["structures"])
         if table is None:
