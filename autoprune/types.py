@@ -133,8 +133,12 @@ class LayerSpec:
         )
 
     def key(self) -> str:
-        """Stable text key (used in tables and caches)."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable text key (used in tables and caches); computed once per instance."""
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            cached = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_key", cached)  # frozen: cache outside the fields
+        return cached
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
