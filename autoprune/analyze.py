@@ -326,30 +326,66 @@ def _one_graph(module: nn.Module, args: tuple, ignore_mods: list[nn.Module]) -> 
     )
 
 
+def functional_weight_modules(model: nn.Module, called: set[str] | dict[str, Any]) -> list[str]:
+    """Modules that ran but read a conv/linear child's weights without calling it (torchvision
+    Swin's ShiftedWindowAttention): neither torch-pruning nor the layer hooks can see those
+    layers. nn.MultiheadAttention (out_proj) is modelled and not listed."""
+    out = []
+    for path, m in model.named_modules():
+        if path not in called:
+            continue
+        if isinstance(m, nn.MultiheadAttention):
+            continue
+        for name, child in m.named_children():
+            cpath = f"{path}.{name}" if path else name
+            if isinstance(child, _WEIGHT_LAYERS) and cpath not in called:
+                out.append(path)
+                break
+    return out
+
+
 def build_graphs(
     model: nn.Module, inputs: tuple[torch.Tensor, ...], ignore: Sequence[str] = ()
 ) -> Graphs:
-    """Dependency graph(s) of ``model`` (see ``Graphs``); the model should be in eval mode."""
+    """Dependency graph(s) of ``model`` (see ``Graphs``); the model should be in eval mode.
+
+    Ignored modules that use their layers' weights functionally (see
+    ``functional_weight_modules``) are opaque: no graph spans them, their neighbours are traced
+    in parts around them."""
     ignore_mods = [m for p in ignore for m in model.get_submodule(p).modules()]
     try:
-        return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
-    except Exception as e:  # noqa: BLE001 - fall back to tracing parts
-        first_error = f"{type(e).__name__}: {e}"
+        args_of = _module_inputs(model, inputs)
+    except Exception as e:  # noqa: BLE001 - the inputs do not fit the model
+        raise _inputs_error(model, inputs, e) from e
+    opaque = [p for p in ignore
+              if functional_weight_modules(model.get_submodule(p), {
+                  k[len(p) + 1:] if k != p else "" for k in args_of
+                  if k == p or k.startswith(p + ".")})]
+    failures: dict[str, str] = {}
+    if not opaque:
         try:
-            with torch.no_grad():
-                model(*inputs)
-        except Exception as e2:  # noqa: BLE001 - not torch-pruning: the inputs do not fit
-            raise _inputs_error(model, inputs, e2) from e2
+            return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
+        except Exception as e:  # noqa: BLE001 - fall back to tracing parts
+            failures[""] = f"{type(e).__name__}: {e}"
+    else:
+        failures[""] = f"contains opaque ignored modules ({', '.join(opaque[:3])})"
     graphs: dict[str, Any] = {}
-    failures: dict[str, str] = {"": first_error}
-    args_of = _module_inputs(model, inputs)
+
+    def spans_opaque(path: str) -> bool:
+        return any(o == path or o.startswith(path + ".") for o in opaque)
 
     def visit(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             if not any(True for _ in child.parameters()):
                 continue  # nothing to prune in it
+            if any(path == o or path.startswith(o + ".") for o in opaque):
+                continue  # ignored and opaque: left alone
             args = args_of.get(path, ())
+            if spans_opaque(path):
+                failures[path] = "contains an opaque ignored module"
+                visit(path, child)
+                continue
             if not args:
                 if path in args_of:  # called with non-tensor arguments: look inside
                     failures[path] = "called with non-tensor arguments"
@@ -362,8 +398,6 @@ def build_graphs(
                 visit(path, child)
 
     visit("", model)
-    if not graphs:
-        failures[""] = first_error
     return Graphs(graphs, failures)
 
 
@@ -424,6 +458,14 @@ def analyze(
     model.eval()
     try:
         trace = _trace_forward(model, inputs)
+        for path in functional_weight_modules(model, trace.calls):
+            if not any(path == p or path.startswith(p + ".") for p in ignore):
+                mod = model.get_submodule(path) if path else model
+                raise UnsupportedLayerError(
+                    path or "<model>", type(mod).__name__,
+                    "it reads its conv/linear layers' weights without calling them (functional "
+                    "use), which neither autoprune's hooks nor torch-pruning can follow",
+                )
         graphs = build_graphs(model, inputs, ignore)
         _report_trace_failures(model, graphs, ignore)
         spec = _build_spec(model, inputs, trace, graphs, names, ignored_ids, ignore, model_name)

@@ -196,3 +196,26 @@ def test_inputs_that_do_not_fit_the_model_are_an_input_error():
 
     with pytest.raises(InvalidInputError, match=r"\(1, 32\)"):
         build_graphs(zoo.mlp(), (torch.randn(1, 32),))
+
+
+def test_swin_functional_attention_needs_ignore_then_works():
+    """Swin's attention reads its Linear weights functionally: an error naming it, and with
+    ignore=[...] the rest (MLPs, patch merging, blocks) is analysed around it."""
+    import numpy as np
+
+    from autoprune.executor import apply_plan
+    from autoprune.plan import random_plan
+
+    model = zoo.torchvision_model("swin_t").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(UnsupportedLayerError, match="'features.1.0.attn' of type ShiftedWindow"):
+        analyze(model, x)
+    ign = [n for n, m in model.named_modules() if type(m).__name__.startswith("ShiftedWindow")]
+    with pytest.warns(UserWarning, match="ignored"):
+        spec = analyze(model, x, ignore=ign)
+    assert Structure.CHANNEL in spec.groups["features.1.0.mlp.0"].allowed
+    assert sum(1 for g in spec.groups.values() if g.kind == "block") == 12
+    plan = random_plan(spec, np.random.default_rng(0), structures=("channel", "block"))
+    pruned = apply_plan(model, plan, x, spec=spec)
+    with torch.no_grad():
+        assert pruned(x).shape == (1, 10)
