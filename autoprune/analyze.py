@@ -20,7 +20,15 @@ from torch import nn
 from autoprune.errors import InvalidInputError, UnsupportedLayerError
 from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
 
-__all__ = ["analyze", "normalize_inputs", "NM_MULTIPLE"]
+__all__ = [
+    "NM_MULTIPLE",
+    "Graphs",
+    "analyze",
+    "build_graphs",
+    "custom_param_modules",
+    "functional_weight_modules",
+    "normalize_inputs",
+]
 
 #: nm is offered on a group only if every producer's input width per group is a multiple of this
 NM_MULTIPLE = 4
@@ -423,8 +431,6 @@ def analyze(
     Returns:
         a ``ModelSpec``; channel groups are named after their first producing layer.
     """
-    import torch_pruning as tp
-
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
@@ -520,11 +526,6 @@ def custom_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _find_custom_module(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """First non-root module owning parameters torch-pruning has no pruner for."""
-    return next(((p, m) for p, m in custom_param_modules(model) if p), None)
-
-
 def _build_spec(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -535,8 +536,6 @@ def _build_spec(
     ignore: list[str],
     model_name: str | None,
 ) -> ModelSpec:
-    import torch_pruning as tp
-
     fixed: dict[str, str] = {}
     for path in ignore:
         fixed[path] = "ignored by the user (ignore=...)"
@@ -715,13 +714,11 @@ def _build_spec(
 
     # model input channels: layers whose input channels no group controls and that read a
     # model input directly
-    input_fns = set()
     for n, lay in layers.items():
         if all(g is None for g, _ in lay.in_segments) and n in layer_mods:
             rec = records[n]
             if any(tuple(t.shape) == rec.input_shape for t in inputs):
                 fixed.setdefault(f"{n}.in_channels", "input channels are the model input")
-    del input_fns
 
     # --- allowed structures -----------------------------------------------------------------
     for name, g in list(groups.items()):
@@ -756,7 +753,7 @@ def _build_spec(
     for path, (in_fn, out_fn, in_shape, out_shape) in trace.blocks.items():
         if in_shape != out_shape or trace.calls.get(path, 0) != 1:
             continue
-        if id(modules_get(model, path)) in ignored_ids:
+        if id(model.get_submodule(path)) in ignored_ids:
             continue
         if _is_identity_residual(in_fn, out_fn):
             candidates.append(path)
@@ -781,7 +778,6 @@ def _build_spec(
             for n, lay in layers.items()
         }
 
-    del tp
     return ModelSpec(
         model_name=model_name or type(model).__name__,
         input_shapes=[tuple(t.shape) for t in inputs],
@@ -791,10 +787,6 @@ def _build_spec(
     )
 
 
-def modules_get(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
 def _check_channel_groups(
     model: nn.Module,
     inputs: tuple[torch.Tensor, ...],
@@ -802,7 +794,7 @@ def _check_channel_groups(
     ignored_modules: list[nn.Module],
     ignore: list[str],
 ) -> None:
-    """Prune one unit of every channel group on a copy and run it; placeholder filled below."""
+    """Prune one unit of every channel group on a copy and run it (see the executor)."""
     from autoprune.executor import _dry_run_channel_groups
 
     _dry_run_channel_groups(model, inputs, spec, ignore)
