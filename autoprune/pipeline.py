@@ -485,8 +485,11 @@ def run_pipeline(
             + (" with the dense model as teacher" if distill else ""))
         opts = dict(finetune_options or {})
         teacher = copy.deepcopy(model).eval() if distill else None
+        # the validation data only steers fine-tuning (best epoch, early stopping) when asked:
+        # val_loader is also what the report's accuracy is measured on
+        steer = "early_stopping_patience" in opts and "val_metric" not in opts
         finetune(pruned, train_loader, epochs=finetune_epochs, teacher=teacher,
-                 val_loader=val_loader if "val_metric" not in opts else None,
+                 val_loader=val_loader if steer else None,
                  checkpoint_dir=run_dir / "finetune", device=train_device, seed=seed,
                  progress=progress, **opts)
         pruned = pruned.to("cpu").eval()
