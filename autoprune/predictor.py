@@ -362,8 +362,12 @@ class LatencyPredictor:
     cv_folds: folds for ``regressor="auto"``. chunk_size: plans per interleaved measurement.
 
     Fitted attributes: ``spec_``, ``table_``, ``dataset_`` (DataFrame), ``report_`` (DataFrame,
-    one row per method), ``regressor_`` (the chosen name), ``cv_scores_``, ``feature_names_``,
-    ``dense_ms_``, ``fit_seconds_``, ``n_measured_``.
+    rows ``predictor`` / ``table_sum`` / ``flops_linear``, columns ``within_5pct``,
+    ``within_10pct``, ``mape`` (fractions), ``spearman``, ``n_holdout``; computed on the
+    held-out plans only), ``regressor_`` (the chosen name), ``cv_scores_``,
+    ``feature_names_``, ``dense_ms_``, ``fit_seconds_``, ``n_measured_``, ``data_path_``.
+    The regressor is fitted on the training plans only, so ``report_`` describes exactly the
+    model that predicts.
     """
 
     def __init__(
@@ -582,8 +586,8 @@ class LatencyPredictor:
     def _sample_plans(self, rng: np.random.Generator, n: int) -> list[PruningPlan]:
         """The dense plan, then random plans: half with independent per-group keep ratios,
         half around a shared level (so whole-network latency spreads over the full range);
-        ``aligned_share`` of them snapped to the table's alignment. Plans that price the same (same kept
-        widths, structures and removed blocks) are measured once."""
+        ``aligned_share`` of them snapped to the table's alignment. Plans that price the same
+        (same kept widths, structures and removed blocks) are measured once."""
         plans = [PruningPlan.dense(self.spec_)]
         seen = {self._signature(plans[0])}
         tries = 0

@@ -161,7 +161,8 @@ def test_report_is_computed_on_held_out_plans_only():
     assert b.report_.loc["predictor", "within_10pct"] == 0.0
     # and the metrics helper itself
     m = accuracy_metrics(np.array([1.0, 2.0, 4.0]), np.array([1.04, 2.3, 4.0]))
-    assert m["within_5pct"] == pytest.approx(2 / 3) and m["mape"] == pytest.approx((0.04 + 0.15) / 3)
+    assert m["within_5pct"] == pytest.approx(2 / 3)
+    assert m["mape"] == pytest.approx((0.04 + 0.15) / 3)
 
 
 @pytest.mark.parametrize("regressor", ["linear", "boosted", "auto"])
@@ -332,7 +333,8 @@ def test_active_sampling_adds_training_plans_only(tmp_path):
     added = pred.dataset_.iloc[16:]
     assert pred.active_rounds_ >= 1 and len(added) > 0 and pred.n_measured_ <= 28
     assert (added["split"] == "train").all()
-    assert int(pred.report_.loc["predictor", "n_holdout"]) == int((first["split"] == "holdout").sum())
+    n_holdout = int((first["split"] == "holdout").sum())
+    assert int(pred.report_.loc["predictor", "n_holdout"]) == n_holdout
     stored = pd.read_csv(tmp_path / "d.csv")
     assert len(stored) == pred.n_measured_
 
