@@ -588,7 +588,7 @@ def search(
     if isinstance(device, str):
         from autoprune.backends import get_backend
 
-        backend = get_backend(device, threads=1)
+        backend = get_backend(device)  # each backend has sane defaults (ORT: 1 thread)
     device_name = getattr(backend, "name", "") or type(backend).__name__
     _check_table_device(table, backend)
     if spec is None:

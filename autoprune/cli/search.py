@@ -69,9 +69,13 @@ def main(args: argparse.Namespace) -> int:
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     model = load_model(args.model, json.dumps(kwargs) if kwargs else None, args.weights)
+    from autoprune.search import _check_budget
+
+    _check_budget(args.budget_ms)  # fail on a bad budget before minutes of profiling
     shape = parse_shape(args.input_shape)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(args.seed))
-    backend = get_backend(args.device, threads=args.threads)
+    options = {"threads": args.threads} if args.device == "onnxruntime-cpu" else {}
+    backend = get_backend(args.device, **options)
     progress = not args.quiet
 
     from autoprune.analyze import analyze
