@@ -109,8 +109,10 @@ def detect_alignment(
 
     The representative layer (``layer``, else from ``spec``, see ``representative_layer``) is
     measured at every output width 1..``max_width`` (default 3 × the largest candidate),
-    interleaved, and ``fit_alignment`` picks the step. With ``return_sweep`` also returns the
-    sweep (widths, medians, residuals) that the table records.
+    interleaved, and ``fit_alignment`` picks the step. The step is never below the backend's
+    ``min_alignment`` (if it has one: a GPU's small-layer sweep is launch-bound and flat, yet its
+    tensor-core kernels need multiples of 8 fp16 channels). With ``return_sweep`` also returns
+    the sweep (widths, medians, residuals, fitted step and floor) that the table records.
     """
     layer = layer or representative_layer(spec)
     top = max_width or 3 * max(candidates)
@@ -127,7 +129,9 @@ def detect_alignment(
     finally:
         backend.protocol = old
     med = [s.median_ms for s in samples]
-    step, rss = fit_alignment(widths, med, candidates)
+    fitted, rss = fit_alignment(widths, med, candidates)
+    floor = int(getattr(backend, "min_alignment", 1) or 1)
+    step = max(fitted, floor)
     if not return_sweep:
         return step
     sweep = {
@@ -135,6 +139,8 @@ def detect_alignment(
         "widths": widths,
         "median_ms": [round(m, 6) for m in med],
         "rss": {str(k): v for k, v in rss.items()},
+        "fitted_alignment": fitted,
+        "min_alignment": floor,
         "alignment": step,
     }
     return step, sweep

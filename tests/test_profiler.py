@@ -68,6 +68,18 @@ def test_detect_alignment_on_synthetic_staircase(step):
     assert detect_alignment(b) == step
 
 
+def test_detect_alignment_never_below_backend_min_alignment():
+    # a flat (launch-bound) sweep fits step 1; a GPU backend's tensor-core floor still applies
+    b = ap.get_backend("synthetic", alignment=1, noise=0.0, seed=1)
+    assert detect_alignment(b, max_width=24) == 1
+    b.min_alignment = 8  # what TorchCUDABackend reports for fp16
+    step, sweep = detect_alignment(b, max_width=24, return_sweep=True)
+    assert step == 8 and sweep["fitted_alignment"] == 1 and sweep["min_alignment"] == 8
+    b4 = ap.get_backend("synthetic", alignment=16, noise=0.0, seed=1)
+    b4.min_alignment = 8  # a coarser measured step wins over the floor
+    assert detect_alignment(b4) == 16
+
+
 def test_detect_alignment_runs_on_real_cpu(record_property):
     b = ap.get_backend("onnxruntime-cpu", threads=1)
     step, sweep = detect_alignment(b, max_width=48, candidates=(1, 2, 4, 8, 16),

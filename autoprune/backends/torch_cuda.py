@@ -143,6 +143,17 @@ class TorchCUDABackend(Backend):
             extra=(("cuda_graphs", str(bool(self.cuda_graphs))),),
         )
 
+    @property
+    def min_alignment(self) -> int:
+        """Smallest channel step the profiler may detect on this backend.
+
+        On a GPU the alignment sweep of a small layer is launch-bound and flat (it fits step 1),
+        yet cuBLAS/cuDNN fall back to slow non-tensor-core or unvectorised kernels when a GEMM
+        dimension is not a multiple of 16 bytes: 8 elements in fp16/bf16, 4 in fp32. Measured on
+        an H100 (BENCHMARKS.md, "GPU"), widths that are not multiples of 8 ran much slower.
+        """
+        return 8 if self.dtype in ("fp16", "bf16") else 4
+
     def accelerates(self, structure: Structure | str, spec: LayerSpec | None = None) -> bool:
         s = Structure(structure)
         if s == Structure.NM:
