@@ -11,8 +11,6 @@ from torch.utils.data import DataLoader, Subset
 
 from autoprune.errors import InvalidInputError
 
-pytestmark = pytest.mark.slow
-
 
 def _cnn() -> nn.Sequential:
     return nn.Sequential(
