@@ -14,6 +14,8 @@ Stages (each writes a JSON file under ``--out``; a stage past ``--deadline-s`` i
    fp16 ``F.linear`` at several token counts, and 3x3 convs lowered to GEMM (im2col: the
    weight as a [C_out, 9*C_in] matrix times the unfolded input), medians and IQR of
    CUDA-event timed samples, dense and sparse interleaved.
+5. ``sparse24_diagnose`` (only when named in ``--stages``): the 2:4 path's fixed cost, default
+   vs CUTLASS kernels, eager vs CUDA-graph replay, host time per call.
 
 Usage::
 
@@ -206,6 +208,48 @@ def sparse24(deadline_s: float) -> list[dict[str, Any]]:
     return rows
 
 
+def sparse24_diagnose() -> list[dict[str, Any]]:
+    """Where the 2:4 fixed cost comes from: default (cuSPARSELt) vs forced CUTLASS kernels,
+    each eager and replayed from a CUDA graph (no host work per call), Linear 4096x4096."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    torch.manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    w = _prune_2to4(torch.randn(4096, 4096, device="cuda", dtype=torch.float16))
+    for force_cutlass in (False, True):
+        SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+        ws = to_sparse_semi_structured(w)
+        for tokens in (16, 1024, 8192):
+            x = torch.randn(tokens, 4096, device="cuda", dtype=torch.float16)
+            row: dict[str, Any] = {"kernels": "cutlass" if force_cutlass else "default",
+                                   "sparse_type": type(ws).__name__, "tokens": tokens}
+            try:
+                d, s, r = _time_pair(lambda: F.linear(x, w), lambda: F.linear(x, ws))
+                row.update(eager_dense=d, eager_sparse=s, eager_ratio=r)
+                graphs = []
+                for fn in (lambda: F.linear(x, w), lambda: F.linear(x, ws)):
+                    fn()
+                    torch.cuda.synchronize()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        fn()
+                    graphs.append(g)
+                d, s, r = _time_pair(graphs[0].replay, graphs[1].replay)
+                row.update(graph_dense=d, graph_sparse=s, graph_ratio=r)
+                t = time.perf_counter()
+                for _ in range(50):
+                    F.linear(x, ws)
+                host_ms = (time.perf_counter() - t) / 50 * 1e3
+                torch.cuda.synchronize()
+                row["host_ms_per_sparse_call"] = host_ms
+            except (RuntimeError, ValueError) as e:
+                row["error"] = str(e)[:300]
+            rows.append(row)
+            print(row, flush=True)
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False
+    return rows
+
+
 def main() -> int:
     ap_ = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap_.add_argument("--out", type=Path, required=True)
@@ -224,6 +268,8 @@ def main() -> int:
         _dump(args.out, "alignment", alignment_study())
     if "sparse24" in stages:
         _dump(args.out, "sparse24", sparse24(args.deadline_s))
+    if "sparse24_diagnose" in stages:
+        _dump(args.out, "sparse24_diagnose", sparse24_diagnose())
     if "profile" in stages:
         _dump(args.out, "profile", profile_tables(args.root, args.deadline_s))
     print(f"total {time.monotonic() - T0:.1f}s")
