@@ -661,8 +661,17 @@ def finetune(
         # masks first (buffers must exist before load_state_dict), then the weights
         from autoprune.masks import load_masked_state_dict
 
-        load_masked_state_dict(base, ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        try:
+            load_masked_state_dict(base, ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            from autoprune.errors import CorruptFileError
+
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CorruptFileError(
+                f"{ckpt_path}: checkpoint does not fit this model ({first}); it was written for "
+                "another model or plan: use another checkpoint_dir or delete it to start over"
+            ) from None
         for k in ("phase", "step", "epoch", "best_metric", "best_step", "bad_epochs",
                   "best_state", "rewind_state", "stopped_early", "done", "best_phase"):
             state[k] = ck["state"].get(k, state[k])

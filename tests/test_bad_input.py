@@ -232,9 +232,6 @@ def test_truncated_finetune_checkpoint_names_the_file(tmp_path: Path) -> None:
                  progress=False)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=False,
-                   reason="finetune.py: resuming with another model's checkpoint lets "
-                          "load_state_dict's RuntimeError through (owner: finetune)")
 def test_checkpoint_of_another_model_is_an_autoprune_error(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -244,7 +241,7 @@ def test_checkpoint_of_another_model_is_an_autoprune_error(tmp_path: Path) -> No
                         batch_size=8)
     finetune(mlp(in_features=8, hidden=16), loader, epochs=1, checkpoint_dir=tmp_path,
              progress=False)
-    with pytest.raises(AutoPruneError):
+    with pytest.raises(AutoPruneError, match="does not fit this model"):
         finetune(mlp(in_features=8, hidden=32), loader, epochs=2, checkpoint_dir=tmp_path,
                  progress=False)
 
