@@ -31,7 +31,6 @@ Under ``torchrun`` (``torch.distributed`` initialised) the model is wrapped in
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field

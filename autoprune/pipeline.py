@@ -31,10 +31,10 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from autoprune.errors import InvalidInputError
+from autoprune.export import _as_tuple
 
 if TYPE_CHECKING:
     from autoprune.export import VerifyReport
@@ -210,16 +210,6 @@ class _State:
         from autoprune.io import atomic_write_json
 
         atomic_write_json(self.path, self.data)
-
-
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InvalidInputError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
 
 
 def load_pruned(model: nn.Module, run_dir: str | Path, example_inputs: Any) -> nn.Module:
@@ -505,7 +495,7 @@ def run_pipeline(
 
     # 7. verify -----------------------------------------------------------------------------
     stop = timed(Step.VERIFY)
-    from autoprune.export import VerifyReport, verify
+    from autoprune.export import verify
 
     verify_path = run_dir / "verify.json"
     vrep: VerifyReport | None

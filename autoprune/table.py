@@ -116,9 +116,9 @@ def now_utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def entry_key(spec: LayerSpec, structure: Structure | str = Structure.NONE,
-              density: float = 1.0) -> EntryKey:
-    """The normalised key of a table entry: ``channel`` → ``none``; dense → density 1.0."""
+def normalize_structure(structure: Structure | str) -> Structure:
+    """The structure a table entry is keyed by: ``channel`` is carried by the widths (→ none);
+    ``block`` has no per-layer cost and is refused."""
     try:
         s = Structure(structure)
     except ValueError:
@@ -126,12 +126,20 @@ def entry_key(spec: LayerSpec, structure: Structure | str = Structure.NONE,
             f"unknown structure {structure!r}; use one of {[x.value for x in Structure]}"
         ) from None
     if s == Structure.CHANNEL:
-        s = Structure.NONE
+        return Structure.NONE
     if s == Structure.BLOCK:
         raise InvalidInputError(
-            "structure 'block' has no per-layer latency (the block's layers are removed); "
-            "look up the remaining layers with structure='none'"
+            "structure 'block' removes layers instead of shaping one; measure the remaining "
+            "layers with structure='none'"
         )
+    return s
+
+
+
+def entry_key(spec: LayerSpec, structure: Structure | str = Structure.NONE,
+              density: float = 1.0) -> EntryKey:
+    """The normalised key of a table entry: ``channel`` → ``none``; dense → density 1.0."""
+    s = normalize_structure(structure)
     d = 1.0 if s == Structure.NONE else round(float(density), 4)
     return spec, s, d
 

@@ -9,7 +9,6 @@ This file is also the writer program: ``python tests/test_atomic.py MODE PATH``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import signal

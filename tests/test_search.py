@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
-import optuna
 import pandas as pd
 import pytest
 import torch
@@ -19,7 +17,7 @@ from autoprune.data import digits_loaders
 from autoprune.errors import InfeasibleBudgetError, InvalidInputError
 from autoprune.evaluators import ImportanceProxy, accuracy_evaluator
 from autoprune.measure import ProtocolSettings
-from autoprune.search import TRIAL_COLUMNS, SearchResult, TableLatencyModel, pareto_front
+from autoprune.search import TRIAL_COLUMNS, SearchResult, TableLatencyModel
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import InvalidInputError
+from autoprune.table import normalize_structure  # noqa: F401 - re-exported for backends
 from autoprune.types import LayerSpec, OpKind, Structure
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -195,25 +196,6 @@ def build_micro_model(
         with torch.no_grad():
             w.mul_(mask.to(w.dtype))
     return model, model.example_inputs(seed)
-
-
-def normalize_structure(structure: Structure | str) -> Structure:
-    """The structure a table entry is keyed by: ``channel`` is carried by the widths (→ none);
-    ``block`` has no per-layer cost and is refused."""
-    try:
-        s = Structure(structure)
-    except ValueError:
-        raise InvalidInputError(
-            f"unknown structure {structure!r}; use one of {[x.value for x in Structure]}"
-        ) from None
-    if s == Structure.CHANNEL:
-        return Structure.NONE
-    if s == Structure.BLOCK:
-        raise InvalidInputError(
-            "structure 'block' removes layers instead of shaping one; measure the remaining "
-            "layers with structure='none'"
-        )
-    return s
 
 
 def nm_from_density(density: float, m: int = 4) -> tuple[int, int]:
