@@ -116,7 +116,7 @@ def test_pipeline_argument_checks(tmp_path):
 
 
 def test_cli_helpers():
-    from autoprune.cli.run import load_model, parse_shape
+    from autoprune.cli.common import load_model, parse_shape
 
     assert parse_shape("1,3,32,32") == (1, 3, 32, 32)
     with pytest.raises(InvalidInputError, match="input-shape"):

@@ -36,10 +36,11 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from autoprune.bundle import export_bundle
-    from autoprune.cli.profile import load_model, parse_shape, parse_widths
+    from autoprune.cli.common import load_model, parse_shape
+    from autoprune.cli.profile import parse_widths
     from autoprune.measure import ProtocolSettings
 
-    model = load_model(args.model, args.num_classes)
+    model = load_model(args.model, num_classes=args.num_classes)
     x = torch.randn(parse_shape(args.input_shape))
     manifest = export_bundle(
         model, x, args.out, widths=parse_widths(args.widths), alignment=args.alignment,

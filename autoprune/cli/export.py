@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from autoprune.cli.run import load_model, parse_shape
+    from autoprune.cli.common import load_model, parse_shape
     from autoprune.export import export_onnx, export_tensorrt, onnx_nm_report
     from autoprune.pipeline import load_pruned
 

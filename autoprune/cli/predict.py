@@ -22,7 +22,7 @@ from autoprune.errors import InvalidInputError
 
 
 def register(subparsers: Any) -> None:
-    from autoprune.cli.profile import add_backend_args
+    from autoprune.cli.common import add_backend_args
 
     p = subparsers.add_parser(
         "predict", help="fit or reload a latency predictor; print its report and predictions",
@@ -78,14 +78,14 @@ def _fit(args: argparse.Namespace) -> Any:
     import torch
 
     from autoprune.analyze import analyze
-    from autoprune.cli.profile import load_model, make_backend, parse_shape
+    from autoprune.cli.common import load_model, make_backend, parse_shape
     from autoprune.predictor import LatencyPredictor
     from autoprune.profiler import profile
     from autoprune.table import LatencyTable
 
     if not args.input_shape:
         raise InvalidInputError("--model needs --input-shape, e.g. --input-shape 1,3,32,32")
-    model = load_model(args.model, args.num_classes)
+    model = load_model(args.model, num_classes=args.num_classes)
     x = (torch.randn(parse_shape(args.input_shape)),)
     backend = make_backend(args)
     spec = analyze(model, x)

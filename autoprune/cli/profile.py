@@ -9,79 +9,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 from typing import Any
 
+from autoprune.cli.common import add_backend_args, load_model, make_backend, parse_shape
 from autoprune.errors import InvalidInputError
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """"1,3,32,32" → (1, 3, 32, 32)."""
-    try:
-        shape = tuple(int(x) for x in text.replace("x", ",").split(",") if x.strip())
-    except ValueError:
-        raise InvalidInputError(f"--input-shape {text!r}: use comma-separated integers, e.g. 1,3,32,32") from None
-    if not shape or any(d < 1 for d in shape):
-        raise InvalidInputError(f"--input-shape {text!r}: every dimension must be >= 1")
-    return shape
-
-
-def load_model(factory: str, num_classes: int | None = None) -> Any:
-    """Build a model from "module:function" (torchvision factories get ``weights=None``)."""
-    mod_name, sep, fn_name = factory.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise InvalidInputError(
-            f"--model {factory!r}: use an importable factory 'module:function', e.g. "
-            "torchvision.models:resnet18 or autoprune.zoo:conv1d_net"
-        )
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InvalidInputError(f"--model {factory!r}: cannot import {mod_name!r} ({e})") from None
-    fn = getattr(mod, fn_name, None)
-    if fn is None or not callable(fn):
-        raise InvalidInputError(f"--model {factory!r}: {mod_name} has no callable {fn_name!r}")
-    kwargs: dict[str, Any] = {}
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        params = {}
-    accepts_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    if "weights" in params or (accepts_kw and mod_name.startswith("torchvision")):
-        kwargs["weights"] = None
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    model = fn(**kwargs)
-    return model.eval()
-
-
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="onnxruntime-cpu",
-                   help="backend name (onnxruntime-cpu, torch-cuda, tensorrt, synthetic)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads (onnxruntime-cpu)")
-    p.add_argument("--graph-optimization-level", default="all",
-                   choices=["disable", "basic", "extended", "layout", "all"])
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
-                   help="torch-cuda precision")
-    p.add_argument("--sparse-weights", action="store_true", help="tensorrt: SPARSE_WEIGHTS")
-    p.add_argument("--quick", action="store_true",
-                   help="fast, noisier protocol (few runs) for smoke tests")
-
-
-def make_backend(args: argparse.Namespace) -> Any:
-    from autoprune.backends import get_backend
-    from autoprune.measure import ProtocolSettings
-
-    protocol = ProtocolSettings.quick() if args.quick else ProtocolSettings()
-    opts: dict[str, Any] = {"protocol": protocol}
-    if args.device == "onnxruntime-cpu":
-        opts.update(threads=args.threads, graph_optimization_level=args.graph_optimization_level)
-    elif args.device == "torch-cuda":
-        opts.update(dtype=args.dtype)
-    elif args.device == "tensorrt":
-        opts.update(fp16=args.dtype == "fp16", sparse_weights=args.sparse_weights)
-    return get_backend(args.device, **opts)
 
 
 def register(subparsers: Any) -> None:
@@ -117,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     from autoprune.profiler import profile
 
-    model = load_model(args.model, args.num_classes)
+    model = load_model(args.model, num_classes=args.num_classes)
     x = torch.randn(parse_shape(args.input_shape))
     backend = make_backend(args)
     table = profile(model, x, backend, root=args.root, widths=parse_widths(args.widths),

@@ -13,60 +13,18 @@ the run stops after search and verification (no fine-tuning, no accuracy).
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 from pathlib import Path
 from typing import Any
 
+from autoprune.cli.common import (
+    add_backend_args,
+    backend_options,
+    load_model,
+    parse_shape,
+)
 from autoprune.errors import InvalidInputError
 
 DATASETS = ("digits", "mnist1d")
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise InvalidInputError(f"--input-shape must be integers like 1,3,32,32, got {text!r}") from None
-    if not shape or any(v <= 0 for v in shape):
-        raise InvalidInputError(f"--input-shape must be positive integers, got {text!r}")
-    return shape
-
-
-def load_model(factory: str, kwargs_json: str | None = None, weights: str | None = None) -> Any:
-    """Build ``module:callable(**kwargs)`` and load an optional state_dict (weights_only)."""
-    if ":" not in factory:
-        raise InvalidInputError(
-            f"--model must be 'module:callable' (e.g. torchvision.models:resnet18), got {factory!r}"
-        )
-    mod_name, attr = factory.split(":", 1)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InvalidInputError(f"cannot import module {mod_name!r} for --model: {e}") from None
-    fn = mod
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise InvalidInputError(f"module {mod_name!r} has no attribute {attr!r} (--model)")
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(f"--model-kwargs is not valid JSON: {e}") from None
-    if not isinstance(kwargs, dict):
-        raise InvalidInputError("--model-kwargs must be a JSON object")
-    model = fn(**kwargs)  # type: ignore[operator]
-    if weights:
-        from autoprune.io import safe_torch_load
-
-        state = safe_torch_load(weights)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise InvalidInputError(f"--weights {weights} do not fit the model: {e}") from None
-    return model.eval()
 
 
 def data_loaders(name: str, shape: tuple[int, ...], seed: int = 0) -> tuple[Any, Any]:
@@ -92,8 +50,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model-kwargs", default=None, help='JSON keyword arguments, e.g. \'{"num_classes": 10}\'')
     p.add_argument("--weights", default=None, help="state_dict file (torch.load weights_only=True)")
     p.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32")
-    p.add_argument("--device", default="onnxruntime-cpu", help="backend name")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend")
+    add_backend_args(p)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-ms", type=float, help="latency budget in ms")
     budget.add_argument("--budget-fraction", type=float,
@@ -146,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
         model, (example,), latency_budget_ms=args.budget_ms,
         budget_fraction=args.budget_fraction, run_dir=args.run_dir,
         train_loader=train_loader, val_loader=val_loader, device=args.device,
-        backend_options={"threads": args.threads}, n_trials=args.n_trials,
+        backend_options=backend_options(args), n_trials=args.n_trials,
         predictor_samples=args.predictor_samples,
         finetune_epochs=args.finetune_epochs if train_loader is not None else 0,
         finetune_options={"lr": args.lr}, tables_root=args.tables_root,

@@ -11,8 +11,9 @@ on several machines makes them workers of one study; the same ``--run-dir`` resu
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
+
+from autoprune.cli.common import add_backend_args
 
 
 def register(subparsers: Any) -> None:
@@ -28,8 +29,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--weights", default=None,
                    help="state_dict file (torch.load weights_only=True)")
     p.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32")
-    p.add_argument("--device", default="onnxruntime-cpu", help="backend name")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend")
+    add_backend_args(p)
     p.add_argument("--budget-ms", type=float, required=True, help="latency budget in ms")
     p.add_argument("--trials", type=int, default=100, help="total trials of the study")
     p.add_argument("--strategy", default="tpe",
@@ -59,23 +59,14 @@ def main(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from autoprune.backends import get_backend
-    from autoprune.cli.run import load_model, parse_shape
-    from autoprune.errors import InvalidInputError
-
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    if not isinstance(kwargs, dict):
-        raise InvalidInputError("--model-kwargs must be a JSON object")
-    if args.num_classes is not None:
-        kwargs["num_classes"] = args.num_classes
-    model = load_model(args.model, json.dumps(kwargs) if kwargs else None, args.weights)
+    from autoprune.cli.common import load_model, make_backend, parse_shape
     from autoprune.search import _check_budget
 
     _check_budget(args.budget_ms)  # fail on a bad budget before minutes of profiling
+    model = load_model(args.model, args.model_kwargs, args.weights, num_classes=args.num_classes)
     shape = parse_shape(args.input_shape)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(args.seed))
-    options = {"threads": args.threads} if args.device == "onnxruntime-cpu" else {}
-    backend = get_backend(args.device, **options)
+    backend = make_backend(args)
     progress = not args.quiet
 
     from autoprune.analyze import analyze
