@@ -335,7 +335,7 @@ def run_pipeline(
     stop()
     say(f"analyzed: {spec!r}")
 
-    backend = get_backend(device, **(backend_options or {"threads": 1}))
+    backend = get_backend(device, **(backend_options or {}))  # backend defaults (ORT: 1 thread)
     plan_path = run_dir / "plan.json"
     predicted_ms = state.get("predicted_ms")
 
