@@ -51,15 +51,20 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; a missing or corrupt file raises ``CorruptFileError`` naming it."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; missing or undecodable raises ``CorruptFileError`` naming it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CorruptFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise CorruptFileError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; a missing or corrupt file raises ``CorruptFileError`` naming it."""
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -268,13 +268,10 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
+        from autoprune.io import read_text
+
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CorruptFileError(f"{path}: plan file not found") from None
-        except UnicodeDecodeError as e:
-            raise CorruptFileError(f"{path}: not UTF-8 text ({e})") from None
+        text = read_text(path)
         try:
             return cls.from_json(text)
         except InvalidPlanError as e:

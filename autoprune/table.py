@@ -52,6 +52,7 @@ from autoprune.errors import (
     TableMismatchError,
     TableMissError,
 )
+from autoprune.io import read_text
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, OpKind, Structure
 
 if TYPE_CHECKING:
@@ -533,13 +534,7 @@ def _describe(key: EntryKey) -> str:
 
 
 def _read_csv(path: Path) -> Iterable[Entry]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CorruptFileError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise CorruptFileError(f"{path}: not UTF-8 text ({e})") from None
-    reader = csv.reader(io.StringIO(text))
+    reader = csv.reader(io.StringIO(read_text(path)))
     try:
         header = next(reader)
     except StopIteration:
