@@ -20,6 +20,7 @@ one); the search calls it directly instead of applying the plan.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -154,9 +155,7 @@ class AccuracyEvaluator:
         recalibrate_batchnorm(model, calib, self.bn_recalibration_batches)
         correct = total = 0
         with torch.no_grad():
-            for i, batch in enumerate(self.loader):
-                if self.max_batches is not None and i >= self.max_batches:
-                    break
+            for batch in itertools.islice(self.loader, self.max_batches):
                 x, y = _split_batch(batch)
                 if y is None:
                     raise InvalidInputError("accuracy_evaluator needs labelled batches (x, y); "
@@ -210,9 +209,7 @@ class AgreementEvaluator:
             self.dense_model.eval()
             outs = []
             with torch.no_grad():
-                for i, batch in enumerate(self.loader):
-                    if self.max_batches is not None and i >= self.max_batches:
-                        break
+                for batch in itertools.islice(self.loader, self.max_batches):
                     outs.append(_forward(self.dense_model, _split_batch(batch)[0]))
             if not outs:
                 raise InvalidInputError("the evaluation loader gave no batches")

@@ -38,6 +38,12 @@ class TrialFailure(Exception):
     """The proxy failed for one plan (exception or NaN); the trial fails, the search goes on."""
 
 
+def _fail(trial: Any, msg: str) -> TrialFailure:
+    """Record ``msg`` as the trial's ``error`` (the search goes on) and return the failure."""
+    trial.set_user_attr("error", msg[:2000])
+    return TrialFailure(msg)
+
+
 def plan_key(plan: PruningPlan) -> str:
     """Cache key of a plan: its JSON with sorted keys."""
     return json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -123,12 +129,9 @@ class SearchProblem:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - a plan the latency model cannot price
-            msg = f"latency prediction failed: {e}"
-            trial.set_user_attr("error", msg[:2000])
-            raise TrialFailure(msg) from e
+            raise _fail(trial, f"latency prediction failed: {e}") from e
         if not math.isfinite(latency):
-            trial.set_user_attr("error", f"predicted latency is {latency}")
-            raise TrialFailure(f"predicted latency is {latency}")
+            raise _fail(trial, f"predicted latency is {latency}")
         macs, params = self.space.spec.count(plan)
         trial.set_user_attr("predicted_latency_ms", latency)
         trial.set_user_attr("macs", int(macs))
@@ -140,12 +143,9 @@ class SearchProblem:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - any evaluator error fails only this trial
-            msg = f"{type(e).__name__}: {e}"
-            trial.set_user_attr("error", msg[:2000])
-            raise TrialFailure(msg) from e
+            raise _fail(trial, f"{type(e).__name__}: {e}") from e
         if math.isnan(value) or math.isinf(value):
-            trial.set_user_attr("error", f"proxy returned {value}")
-            raise TrialFailure(f"proxy returned {value}")
+            raise _fail(trial, f"proxy returned {value}")
         if n_objectives == 1:
             return value
         return value, latency
