@@ -38,3 +38,27 @@ class CountingSynthetic(SyntheticBackend):
     def measure_layers(self, items):
         self.measured.extend(items)
         return super().measure_layers(items)
+
+
+def synthetic_conv1d(width: int = 16) -> dict:
+    """``zoo.conv1d_net`` on the synthetic device: model, inputs, backend, spec, its table and a
+    table-sum latency function (no predictor fitting) with the dense plan's value — the cheap
+    search set-up the reliability tests share."""
+    import torch
+
+    import autoprune as ap
+    from autoprune.zoo import conv1d_net
+
+    torch.manual_seed(0)
+    model = conv1d_net(width=width)
+    x = (torch.randn(1, 1, 40),)
+    backend = ap.get_backend("synthetic")
+    spec = ap.analyze(model, x)
+    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
+
+    def predict_ms(plan: ap.PruningPlan) -> float:
+        return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")
+                         for p in spec.pruned_layers(plan)))
+
+    return {"model": model, "x": x, "backend": backend, "spec": spec, "table": table,
+            "predict_ms": predict_ms, "dense_ms": predict_ms(ap.PruningPlan.dense(spec))}

@@ -166,27 +166,14 @@ class _SlowScore:
 
 
 def _search_args(markers: Path, run_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
-    import torch
+    from _latency_helpers import synthetic_conv1d
 
-    import autoprune as ap
-    from autoprune.zoo import conv1d_net
-
-    torch.manual_seed(0)
-    model = conv1d_net(width=16)
-    x = (torch.randn(1, 1, 40),)
-    backend = ap.get_backend("synthetic")
-    spec = ap.analyze(model, x)
-    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
-
-    def predict_ms(plan) -> float:  # noqa: ANN001
-        return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")
-                         for p in spec.pruned_layers(plan)))
-
-    budget = 0.9 * predict_ms(ap.PruningPlan.dense(spec))
-    kw = dict(device=backend, latency_budget_ms=budget, evaluator=_SlowScore(spec, markers),
-              n_trials=N_SEARCH, table=table, predictor=predict_ms, spec=spec, run_dir=run_dir,
-              progress=False, verify_finalists=False, strategy="tpe", seed=0)
-    return model, x, kw
+    s = synthetic_conv1d()
+    kw = dict(device=s["backend"], latency_budget_ms=0.9 * s["dense_ms"],
+              evaluator=_SlowScore(s["spec"], markers), n_trials=N_SEARCH, table=s["table"],
+              predictor=s["predict_ms"], spec=s["spec"], run_dir=run_dir, progress=False,
+              verify_finalists=False, strategy="tpe", seed=0)
+    return s["model"], s["x"], kw
 
 
 def _run_search(markers: Path, run_dir: Path) -> None:

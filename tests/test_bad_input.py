@@ -39,6 +39,7 @@ from autoprune.errors import (
     TableMismatchError,
 )
 from autoprune.zoo import conv1d_net, mlp
+from _latency_helpers import synthetic_conv1d
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -46,20 +47,7 @@ warnings.filterwarnings("ignore", category=UserWarning)
 @pytest.fixture(scope="module")
 def setup():
     """conv1d_net on the synthetic device: spec, table and a table-sum latency (no fitting)."""
-    torch.manual_seed(0)
-    model = conv1d_net(width=16)
-    x = (torch.randn(1, 1, 40),)
-    backend = ap.get_backend("synthetic")
-    spec = ap.analyze(model, x)
-    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
-
-    def predict_ms(plan: ap.PruningPlan) -> float:
-        return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")
-                         for p in spec.pruned_layers(plan)))
-
-    dense_ms = predict_ms(ap.PruningPlan.dense(spec))
-    return {"model": model, "x": x, "backend": backend, "spec": spec, "table": table,
-            "predict_ms": predict_ms, "dense_ms": dense_ms}
+    return synthetic_conv1d()
 
 
 def _search(s, tmp_path: Path, **kw):  # noqa: ANN001, ANN202

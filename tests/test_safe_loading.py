@@ -265,21 +265,13 @@ def test_table_and_search_files_load_with_safe_readers(tmp_path: Path) -> None:
 
 def test_search_run_dir_files_load_with_safe_readers(tmp_path: Path) -> None:
     import autoprune as ap
-    from autoprune.zoo import conv1d_net
+    from _latency_helpers import synthetic_conv1d
 
-    torch.manual_seed(0)
-    model, x = conv1d_net(width=16), (torch.randn(1, 1, 40),)
-    backend = ap.get_backend("synthetic")
-    spec = ap.analyze(model, x)
-    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
-
-    def predict_ms(plan: ap.PruningPlan) -> float:
-        return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")
-                         for p in spec.pruned_layers(plan)))
-
-    result = ap.search(model, x, device=backend, n_trials=4, table=table, predictor=predict_ms,
-                       latency_budget_ms=0.9 * predict_ms(ap.PruningPlan.dense(spec)), spec=spec,
-                       run_dir=tmp_path / "run", progress=False, verify_finalists=False)
+    s = synthetic_conv1d()
+    result = ap.search(s["model"], s["x"], device=s["backend"], n_trials=4, table=s["table"],
+                       predictor=s["predict_ms"], latency_budget_ms=0.9 * s["dense_ms"],
+                       spec=s["spec"], run_dir=tmp_path / "run", progress=False,
+                       verify_finalists=False)
     result.plot()
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"study.journal", "trials.csv", "search_result.json"}
