@@ -99,37 +99,33 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {m: pred.report_.loc[m].to_dict() for m in pred.report_.index}
     # every regressor on the same measured plans (no new measurements)
     # (statistic "min": the same plans, fitted and scored on each measurement's fastest run)
-    per_regressor: dict[str, Any] = {}
     base = ds[[c for c in ds.columns if c not in ("latency_ms", "predicted_ms")]]
-    for statistic in ("median", "min"):
-        for reg in ("auto", "linear", "boosted", "gbr"):
-            alt = LatencyPredictor(regressor=reg, monotone=reg != "gbr", random_state=args.seed,
-                                   n_samples=args.n_samples, statistic=statistic).fit(
-                table=table, spec=spec, dataset=base)
-            row = alt.report_.loc["predictor"].to_dict()
-            row["chosen"] = alt.regressor_
-            per_regressor[f"{reg}/{statistic}"] = row
-            if reg == "auto":
-                for m in ("table_sum", "flops_linear"):
-                    per_regressor[f"{m}/{statistic}"] = alt.report_.loc[m].to_dict()
+
+    def refit_all(data: Any, regressors: tuple[str, ...], n_samples: int | None) -> dict[str, Any]:
+        """Held-out report of each regressor x statistic on ``data`` (no new measurements)."""
+        out: dict[str, Any] = {}
+        for statistic in ("median", "min"):
+            for reg in regressors:
+                extra = {} if n_samples is None else {"n_samples": n_samples}
+                alt = LatencyPredictor(regressor=reg, monotone=reg != "gbr",
+                                       random_state=args.seed, statistic=statistic,
+                                       **extra).fit(table=table, spec=spec, dataset=data)
+                row = alt.report_.loc["predictor"].to_dict()
+                row["chosen"] = alt.regressor_
+                out[f"{reg}/{statistic}"] = row
+                if reg == "auto":
+                    for m in ("table_sum", "flops_linear"):
+                        out[f"{m}/{statistic}"] = alt.report_.loc[m].to_dict()
+        return out
+
+    per_regressor = refit_all(base, ("auto", "linear", "boosted", "gbr"), args.n_samples)
     # the plans the search asks about: widths snapped to the table's alignment (the dataset
     # also holds unaligned plans when it was sampled with aligned_share < 1)
     aligned = np.array([json.loads(t)["alignment"] == table.alignment or not json.loads(t)["groups"]
                         for t in base["plan_json"]])
     per_aligned: dict[str, Any] = {}
     if aligned.sum() < len(base) and aligned.sum() >= 20:
-        sub = base[aligned].reset_index(drop=True)
-        for statistic in ("median", "min"):
-            for reg in ("auto", "gbr"):
-                alt = LatencyPredictor(regressor=reg, monotone=reg != "gbr",
-                                       random_state=args.seed, statistic=statistic).fit(
-                    table=table, spec=spec, dataset=sub)
-                row = alt.report_.loc["predictor"].to_dict()
-                row["chosen"] = alt.regressor_
-                per_aligned[f"{reg}/{statistic}"] = row
-                if reg == "auto":
-                    for m in ("table_sum", "flops_linear"):
-                        per_aligned[f"{m}/{statistic}"] = alt.report_.loc[m].to_dict()
+        per_aligned = refit_all(base[aligned].reset_index(drop=True), ("auto", "gbr"), None)
     # noise floor: the dense model is re-measured in every chunk; how often do those repeats
     # land within ±10% of their own median?
     noise_floor: dict[str, float] = {}
