@@ -114,6 +114,25 @@ def calibrate_calls(call: Callable[[], None], min_sample_ms: float, max_calls: i
     return int(max(1, min(max_calls, -(-min_sample_ms // max(one_ms, 1e-4)))))
 
 
+def burst(call: Callable[[], float], settle_ms: float = 3.0, runs: int = 5) -> List[float]:
+    """Run ``call`` untimed for ``settle_ms`` (at least once when > 0), then ``runs`` timed calls.
+
+    A small model timed right after a large one (or after any pause) runs slower for its
+    first few milliseconds of work on the CPUs we measured: a pruned resnet18 took 0.40 ms on
+    its first run after the dense model and 0.20 ms in steady state, and sleeping instead of
+    running the dense model made it worse, not better (BENCHMARKS.md, "Paired timing"). Settling
+    first and timing a short burst gives each configuration its steady-state time even when
+    configurations alternate.
+    """
+    if settle_ms > 0:
+        t0 = time.perf_counter()
+        while True:
+            call()
+            if (time.perf_counter() - t0) * 1e3 >= settle_ms:
+                break
+    return [float(call()) for _ in range(max(1, int(runs)))]
+
+
 def run_protocol(
     timed_calls: Sequence[Callable[[], float]],
     warmup_runs: int = 10,
@@ -121,15 +140,19 @@ def run_protocol(
     max_runs: int = 300,
     target_rel_iqr: float = 0.05,
     time_cap_s: float = 2.0,
+    settle_ms: float = 3.0,
+    burst_runs: int = 5,
 ) -> List[List[float]]:
     """Time several configurations round-robin until each is stable or the cap is hit.
 
     ``timed_calls[i]()`` runs configuration *i* once and returns its duration in ms. Each round
-    runs every still-active configuration once, in an order rotated every round, so drift of a
-    shared machine lands on all of them alike. A configuration stops after ``min_runs`` once
-    its relative IQR is at most ``target_rel_iqr``; all stop at ``max_runs`` runs or when
-    ``time_cap_s`` (per configuration, so the cap of a chunk is ``time_cap_s * len``) is spent,
-    but never before ``min_runs``. Returns every configuration's list of times.
+    gives every still-active configuration one burst (:func:`burst`: settle for ``settle_ms``,
+    then ``burst_runs`` timed runs), in an order rotated every round, so drift of a shared
+    machine lands on all of them alike while none is timed cold. A configuration stops once it
+    has ``min_runs`` timed runs and its relative IQR is at most ``target_rel_iqr``; all stop at
+    ``max_runs`` runs or when ``time_cap_s`` (per configuration, so the cap of a chunk is
+    ``time_cap_s * len``) is spent, but never before ``min_runs``. Returns every
+    configuration's list of times.
     """
     k = len(timed_calls)
     for _ in range(max(0, warmup_runs)):
@@ -139,14 +162,15 @@ def run_protocol(
     active = list(range(k))
     deadline = time.perf_counter() + time_cap_s * max(1, k)
     round_no = 0
-    check_every = max(1, min_runs // 4)
+    per_round = max(1, int(burst_runs))
+    check_every = max(1, min_runs // (4 * per_round))
     while active:
         shift = round_no % len(active)
         order = active[shift:] + active[:shift]
         for i in order:
-            times[i].append(float(timed_calls[i]()))
+            times[i].extend(burst(timed_calls[i], settle_ms, per_round))
         round_no += 1
-        if round_no < min_runs:
+        if min(len(times[i]) for i in active) < min_runs:
             continue
         out_of_time = time.perf_counter() > deadline
         if out_of_time or round_no % check_every == 0:
@@ -168,21 +192,28 @@ def ratio_protocol(
     max_runs: int = 300,
     target_rel_iqr: float = 0.05,
     time_cap_s: float = 2.0,
+    settle_ms: float = 3.0,
+    burst_runs: int = 5,
 ) -> List[float]:
-    """Paired alternating timing: per pair (order alternating), ratio = call / reference."""
+    """Paired alternating timing: one ratio per pair of bursts (order alternating), each
+    burst's median time, ``call / reference``. ``min_runs``/``max_runs`` count pairs."""
     for _ in range(max(0, warmup_runs)):
         call()
         reference()
     ratios: List[float] = []
     deadline = time.perf_counter() + 2 * time_cap_s
     i = 0
+
+    def med(c: Callable[[], float]) -> float:
+        return _quantile(sorted(burst(c, settle_ms, burst_runs)), 0.5)
+
     while True:
         if i % 2 == 0:
-            a = call()
-            b = reference()
+            a = med(call)
+            b = med(reference)
         else:
-            b = reference()
-            a = call()
+            b = med(reference)
+            a = med(call)
         ratios.append(a / b if b > 0 else float("inf"))
         i += 1
         if i < min_runs:
@@ -355,6 +386,9 @@ def run_bundle(
             max_runs=protocol["max_runs"],
             target_rel_iqr=protocol["target_rel_iqr"],
             time_cap_s=protocol["time_cap_s"],
+            # bundles written before bursts existed time one cold run per sample
+            settle_ms=protocol.get("settle_ms", 0.0),
+            burst_runs=protocol.get("burst_runs", 1),
         )
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for e, ts in zip(batch, times):

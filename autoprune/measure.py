@@ -8,6 +8,9 @@
   shared machine hits all of them alike;
 * paired ratios (``measure_ratio``): a candidate and a reference alternate, and the median of
   the per-pair ratios is far steadier than two absolute medians taken apart;
+* no configuration is timed cold: each sample is a burst (run untimed for ``settle_ms``, then
+  ``burst_runs`` timed runs), because a small model timed right after a large one ran up to
+  2.5x slower than in steady state on our CPUs (BENCHMARKS.md, "Paired timing");
 * very short calls are repeated ``calls_per_sample`` times per timed sample so that one sample
   lasts at least ``min_sample_ms`` (timer resolution and call overhead stay small).
 
@@ -41,12 +44,18 @@ class ProtocolSettings:
     target_rel_iqr: float = 0.05
     time_cap_s: float = 1.0
     min_sample_ms: float = 0.05
+    settle_ms: float = 3.0
+    burst_runs: int = 5
 
     def __post_init__(self) -> None:
         if self.min_runs < 1 or self.max_runs < self.min_runs:
             raise InvalidInputError(
                 f"need 1 <= min_runs <= max_runs, got min_runs={self.min_runs}, "
                 f"max_runs={self.max_runs}"
+            )
+        if self.burst_runs < 1 or self.settle_ms < 0:
+            raise InvalidInputError(
+                f"burst_runs={self.burst_runs} must be >= 1 and settle_ms={self.settle_ms} >= 0"
             )
         if self.warmup_runs < 0 or self.time_cap_s <= 0 or self.target_rel_iqr < 0:
             raise InvalidInputError(
@@ -58,7 +67,7 @@ class ProtocolSettings:
     def quick(cls) -> ProtocolSettings:
         """A fast protocol for tests and smoke runs (numbers are noisier)."""
         return cls(warmup_runs=2, min_runs=5, max_runs=20, target_rel_iqr=0.2, time_cap_s=0.1,
-                   min_sample_ms=0.0)
+                   min_sample_ms=0.0, settle_ms=0.0, burst_runs=1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,6 +91,8 @@ def _kwargs(settings: ProtocolSettings) -> dict[str, Any]:
         "max_runs": settings.max_runs,
         "target_rel_iqr": settings.target_rel_iqr,
         "time_cap_s": settings.time_cap_s,
+        "settle_ms": settings.settle_ms,
+        "burst_runs": settings.burst_runs,
     }
 
 

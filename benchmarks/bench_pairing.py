@@ -2,7 +2,9 @@
 
 DESIGN.md asks for paired (alternating) timing against the dense model to cancel machine
 drift. This measures the side effect: the pruned model timed alone, alternated with the dense
-model, and a few runs after each dense run, plus the backend's paired ratio.
+model, and a few runs after each dense run, plus the backend's paired ratio with bursts (the
+default protocol: settle, then a burst of timed runs per model) and without them (one cold run
+per model per pair, the protocol before 2026-11-22's fix).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_pairing.py [--keep 0.4] [--repeats 5]
 """
@@ -17,6 +19,7 @@ import torch
 
 import autoprune as ap
 from autoprune import zoo
+from autoprune.measure import ProtocolSettings
 
 
 def main() -> None:
@@ -34,7 +37,9 @@ def main() -> None:
     be = ap.get_backend("onnxruntime-cpu", threads=1)
     small, big = be._timer_for_model(pruned, (x,)), be._timer_for_model(dense, (x,))
     rows = {"alone_ms": [], "alternated_ms": [], "third_run_after_dense_ms": [],
-            "dense_ms": [], "ratio_alone": [], "paired_ratio": []}
+            "dense_ms": [], "ratio_alone": [], "paired_ratio": [], "paired_ratio_cold": []}
+    cold = ProtocolSettings(settle_ms=0.0, burst_runs=1)
+    bursts = be.protocol
     for _ in range(10):
         small(), big()
     for _ in range(args.repeats):
@@ -53,7 +58,11 @@ def main() -> None:
         rows["alternated_ms"].append(float(np.median(alt)))
         rows["third_run_after_dense_ms"].append(float(np.median(after)))
         rows["ratio_alone"].append(alone / dense_ms)
+        be.protocol = bursts
         rows["paired_ratio"].append(be.measure_ratio(pruned, dense, (x,))[0])
+        be.protocol = cold
+        rows["paired_ratio_cold"].append(be.measure_ratio(pruned, dense, (x,))[0])
+        be.protocol = bursts
     print(f"{args.model} 1x3x32x32, uniform keep {args.keep} (alignment 16), ORT CPU 1 thread, "
           f"{args.repeats} repeats x {args.runs} runs")
     for k, v in rows.items():

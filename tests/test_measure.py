@@ -28,7 +28,7 @@ def test_summarize_quantiles():
 
 def test_stable_call_stops_at_min_runs():
     settings = ProtocolSettings(warmup_runs=3, min_runs=12, max_runs=200, target_rel_iqr=0.05,
-                                time_cap_s=5.0)
+                                time_cap_s=5.0, settle_ms=0.0, burst_runs=1)
     s = measure(lambda: 1.0, settings)
     assert s.n_runs == 12 and s.median_ms == 1.0
 
@@ -36,7 +36,7 @@ def test_stable_call_stops_at_min_runs():
 def test_noisy_call_runs_to_max_runs():
     noisy = itertools.cycle([1.0, 3.0, 0.5, 2.0])
     settings = ProtocolSettings(warmup_runs=0, min_runs=8, max_runs=40, target_rel_iqr=0.01,
-                                time_cap_s=5.0)
+                                time_cap_s=5.0, settle_ms=0.0, burst_runs=1)
     s = measure(lambda: next(noisy), settings)
     assert s.n_runs == 40
     assert s.spread > 0.01
@@ -50,7 +50,8 @@ def test_time_cap_stops_noisy_call_but_not_before_min_runs():
         return next(noisy)
 
     settings = ProtocolSettings(warmup_runs=0, min_runs=10, max_runs=100000,
-                                target_rel_iqr=0.0, time_cap_s=0.05)
+                                target_rel_iqr=0.0, time_cap_s=0.05, settle_ms=0.0,
+                                burst_runs=1)
     t0 = time.perf_counter()
     s = measure(slow, settings)
     assert 10 <= s.n_runs < 100
@@ -67,7 +68,7 @@ def test_interleaving_rotates_order():
         return f
 
     settings = ProtocolSettings(warmup_runs=0, min_runs=3, max_runs=3, target_rel_iqr=1.0,
-                                time_cap_s=5.0)
+                                time_cap_s=5.0, settle_ms=0.0, burst_runs=1)
     samples = measure_interleaved([call(0), call(1), call(2)], settings)
     assert [s.median_ms for s in samples] == [1.0, 2.0, 3.0]
     # round-robin, rotated each round: every config runs once per round, first one changes
@@ -86,10 +87,56 @@ def test_ratio_protocol_pairs_alternate():
         return 1.0
 
     settings = ProtocolSettings(warmup_runs=0, min_runs=6, max_runs=6, target_rel_iqr=0.0,
-                                time_cap_s=5.0)
+                                time_cap_s=5.0, settle_ms=0.0, burst_runs=1)
     med, iqr = measure_ratio(a, b, settings)
     assert med == 2.0 and iqr == 0.0
     assert seq[:4] == ["a", "b", "b", "a"]
+
+
+class _ColdStart:
+    """A fake small model that runs at 3x its steady time on its first call after a big model
+    ran and 2x on its second, steady from the third (the effect measured on our CPU, reduced
+    to its shape); the big model is unaffected."""
+
+    def __init__(self) -> None:
+        self.streak = 0
+
+    def small(self) -> float:
+        self.streak += 1
+        return 0.1 * {1: 3.0, 2: 2.0}.get(self.streak, 1.0)
+
+    def big(self) -> float:
+        self.streak = 0
+        return 1.0
+
+
+def test_burst_settles_then_times():
+    calls: list[float] = []
+
+    def f() -> float:
+        calls.append(time.perf_counter())
+        time.sleep(0.001)
+        return 1.0
+
+    out = core.burst(f, settle_ms=5.0, runs=4)
+    assert out == [1.0] * 4
+    assert len(calls) >= 4 + 3  # at least ~5 ms of untimed runs before the 4 timed ones
+    assert core.burst(f, settle_ms=0.0, runs=2) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("settle_ms,burst_runs,expected", [
+    (0.0, 1, 0.3),    # one cold run per sample: the small model always looks 3x slower
+    (0.0, 5, 0.1),    # a burst of 5: its median is a steady run
+    (1e-6, 3, 0.1),   # one untimed settle run, then 3 timed: 2x, 1x, 1x -> median steady
+])
+def test_bursts_remove_the_cold_start_bias_of_alternation(settle_ms, burst_runs, expected):
+    proto = ProtocolSettings(warmup_runs=0, min_runs=6, max_runs=6, target_rel_iqr=0.0,
+                             settle_ms=settle_ms, burst_runs=burst_runs)
+    m = _ColdStart()
+    assert measure_ratio(m.small, m.big, proto)[0] == pytest.approx(expected)
+    m = _ColdStart()
+    small, big = measure_interleaved([m.small, m.big], proto)
+    assert small.median_ms == pytest.approx(expected) and big.median_ms == 1.0
 
 
 def test_wall_clock_timer_measures_sleep():
@@ -102,5 +149,7 @@ def test_settings_validation_and_round_trip():
     assert ProtocolSettings.from_dict(s.to_dict()) == s
     with pytest.raises(InvalidInputError, match="min_runs"):
         ProtocolSettings(min_runs=10, max_runs=5)
+    with pytest.raises(InvalidInputError, match="burst_runs"):
+        ProtocolSettings(burst_runs=0)
     with pytest.raises(InvalidInputError, match="time_cap_s"):
         ProtocolSettings(time_cap_s=0)
