@@ -15,7 +15,7 @@ from autoprune.evaluators import ImportanceProxy
 from autoprune.space import SearchSpace
 from autoprune.storage import make_storage
 from autoprune.strategies import SearchProblem, get_strategy, list_strategies
-from autoprune.strategies.greedy import greedy_path, greedy_plan
+from autoprune.strategies.greedy import greedy_path, greedy_plan, uniform_plan
 from autoprune.strategies.optuna_strategy import OptunaStrategy
 
 from test_space import FakeTable, ToyNet, toy_latency, toy_spec
@@ -146,9 +146,16 @@ def test_greedy_path_and_warm_start(tmp_path):
     study = get_strategy("tpe").run(problem, 3)
     first = study.trials[0]
     assert first.user_attrs["plan"] == plan.to_dict()  # the warm start is trial 0
-    # an impossible budget: no greedy plan, and the warm start is skipped
+    # trial 1: the widest uniform plan within the budget (one keep ratio for every group)
+    uni = uniform_plan(problem)
+    assert uni is not None and study.trials[1].user_attrs["plan"] == uni.to_dict()
+    assert study.trials[1].user_attrs["predicted_latency_ms"] <= problem.budget_ms
+    ratios = {round(gp.keep_ratio * problem.space.groups[n].units)
+              / problem.space.groups[n].units for n, gp in uni.groups.items()}
+    assert max(ratios) - min(ratios) < 0.2  # same keep ratio up to width-grid rounding
+    # an impossible budget: no greedy or uniform plan, and the warm start is skipped
     tiny = _problem(tmp_path, budget_ratio=0.01, name="tiny")
-    assert greedy_plan(tiny) is None
+    assert greedy_plan(tiny) is None and uniform_plan(tiny) is None
 
 
 def test_greedy_keeps_more_than_uniform_pruning_at_the_same_budget(tmp_path):

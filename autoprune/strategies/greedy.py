@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoprune.errors import InvalidInputError
-from autoprune.strategies.base import MAXIMIZE, SearchProblem, Strategy
+from autoprune.strategies.base import MAXIMIZE, SearchProblem, Strategy, plan_key
 from autoprune.types import Structure
 
 if TYPE_CHECKING:
@@ -83,6 +83,45 @@ def greedy_plan(problem: SearchProblem) -> PruningPlan | None:
     path = greedy_path(problem)
     plan, lat, _ = path[-1]
     return plan if lat <= problem.budget_ms else None
+
+
+def uniform_plan(problem: SearchProblem, steps: int = 64) -> PruningPlan | None:
+    """The widest uniform plan of the space (every channel group at the same keep ratio, on
+    the space's width grid) predicted within the budget; None if even the narrowest is not.
+
+    Enqueued beside the greedy plan as a warm start, so the search always scores the plan a
+    user would try first by hand and has to beat it on the proxy to pick anything else."""
+    import numpy as np
+
+    from autoprune.plan import PruningPlan
+
+    space = problem.space
+    plans: list[PruningPlan] = []
+    seen: set[str] = set()
+    for r in np.linspace(1.0, 0.0, steps + 1)[1:-1]:
+        uni = PruningPlan.uniform(space.spec, float(r), structure="channel",
+                                  alignment=space.alignment)
+        plan = space.decode(space.encode(uni))
+        key = plan_key(plan)
+        if key not in seen:
+            seen.add(key)
+            plans.append(plan)
+    if not plans:
+        return None
+    lats = np.asarray(problem.latency_ms(plans), dtype=float)
+    ok = np.flatnonzero(lats <= problem.budget_ms)
+    return plans[int(ok[0])] if ok.size else None
+
+
+def warm_start_plans(problem: SearchProblem) -> list[PruningPlan]:
+    """The greedy plan and the widest uniform plan within the budget (those that exist,
+    without repeats): the first trials of the Optuna strategies."""
+    out: list[PruningPlan] = []
+    for plan in (greedy_plan(problem) if problem.importance is not None else None,
+                 uniform_plan(problem)):
+        if plan is not None and all(plan_key(plan) != plan_key(o) for o in out):
+            out.append(plan)
+    return out
 
 
 class GreedyStrategy(Strategy):

@@ -7,8 +7,9 @@
   constraint: their non-dominated feasible trials trace the accuracy/latency front.
 - ``random``: uniform sampling over the space, the baseline.
 
-Unless ``warm_start=False``, the greedy plan for the budget is enqueued as the first trial of a
-new study (``random`` never gets one, so that it stays a pure baseline).
+Unless ``warm_start=False``, the greedy plan for the budget and the widest uniform plan within
+it are enqueued as the first trials of a new study (``random`` never gets them, so that it
+stays a pure baseline): the search must beat the uniform plan on the proxy to pick another.
 """
 
 from __future__ import annotations
@@ -94,11 +95,10 @@ class OptunaStrategy(Strategy):
         if remaining <= 0:
             return study
         warm = self.warm_start if self.warm_start is not None else self.sampler_name != "random"
-        if warm and len(study.trials) == 0 and problem.importance is not None:
-            from autoprune.strategies.greedy import greedy_plan
+        if warm and len(study.trials) == 0:
+            from autoprune.strategies.greedy import warm_start_plans
 
-            plan = greedy_plan(problem)
-            if plan is not None:
+            for plan in warm_start_plans(problem):
                 study.enqueue_trial(problem.space.encode(plan))
 
         def stop_when_done(study: optuna.Study, _trial: Any) -> None:
