@@ -280,8 +280,12 @@ def run_pipeline(
     The budget is ``latency_budget_ms`` (absolute, on the device) or ``budget_fraction`` (a share
     of the dense model's latency on the device). With ``budget_fraction`` every check is a paired
     ratio (candidate timed alternately with the dense model), which holds on a machine whose
-    speed drifts (shared CPUs): the search runs at ``fraction x predicted dense latency``, then
-    the feasible trials are re-measured best-proxy first and the first whose measured ratio is
+    speed drifts (shared CPUs). The search budget is anchored by measurement
+    (:func:`anchor_budget_ms`): the widest uniform plan of the space whose measured ratio fits is
+    found by bisection (about five paired measurements) and its *predicted* latency becomes the
+    search budget, so a predictor that is biased for small plans neither wastes the budget nor
+    overshoots it (without such a plan: ``fraction x predicted dense latency``). Then the
+    feasible trials are re-measured best-proxy first and the first whose measured ratio is
     within ``fraction x (1 - budget_headroom)`` is taken (``finalists.csv``); the headroom keeps
     the final verification, a fresh noisy measurement, on the right side of the budget.
     """
@@ -396,11 +400,16 @@ def run_pipeline(
 
             search_evaluator = accuracy_evaluator(val_loader, calib_loader=train_loader)
         search_budget_ms = latency_budget_ms
+        opts = dict(search_options or {})
         if budget_fraction is not None:
-            search_budget_ms = budget_fraction * float(predictor.predict(PruningPlan.dense(spec)))
+            say("anchoring the search budget: bisecting a uniform plan on measured ratios")
+            anchor = anchor_budget_ms(model, args, spec, table, backend, predictor,
+                                      budget_fraction * (1.0 - budget_headroom),
+                                      opts.get("space_options"))
+            search_budget_ms = (anchor.budget_ms if anchor is not None else
+                                budget_fraction * float(predictor.predict(PruningPlan.dense(spec))))
         say(f"searching ({n_trials} trials, budget {search_budget_ms:.4g} ms"
             + (f" = {budget_fraction:.0%} of dense)" if budget_fraction is not None else ")"))
-        opts = dict(search_options or {})
         if budget_fraction is not None:
             opts["verify_finalists"] = False
         result = search(
@@ -540,6 +549,53 @@ def run_pipeline(
     atomic_write_text(run_dir / "report.txt", str(report) + "\n")
     atomic_write_json(run_dir / "report.json", report.to_dict())
     return report
+
+
+@dataclass(frozen=True)
+class BudgetAnchor:
+    """The widest uniform plan measured within a budget fraction, and its predicted latency."""
+
+    budget_ms: float
+    keep_ratio: float
+    measured_ratio: float
+    ratio_iqr: float
+    plan: PruningPlan
+
+
+def anchor_budget_ms(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table: Any,
+                     backend: Any, predictor: Any, fraction: float,
+                     space_options: dict[str, Any] | None = None, iters: int = 5,
+                     ) -> BudgetAnchor | None:
+    """Translate a budget given as a share of dense latency into predicted milliseconds by
+    measurement: bisect the keep ratio of a uniform plan on the space's width grid until its
+    paired ratio vs dense is at most ``fraction``; the widest such plan's predicted latency is
+    the search budget. The search then looks for plans predicted no slower than a plan known
+    to fit, whatever the predictor's bias at that size; the uniform plan itself is in the
+    search (a warm start), so the search has to beat it on the proxy. None if even the
+    narrowest uniform plan measured does not fit."""
+    from autoprune.executor import apply_plan
+    from autoprune.plan import PruningPlan
+    from autoprune.space import SearchSpace
+
+    space = SearchSpace.from_spec(spec, table, backend, **(space_options or {}))
+    dense = copy.deepcopy(model).eval()
+    best: BudgetAnchor | None = None
+    lo, hi = 0.0, 1.0
+    for _ in range(max(1, iters)):
+        r = 0.5 * (lo + hi)
+        uni = PruningPlan.uniform(spec, max(r, 1e-3), structure="channel",
+                                  alignment=space.alignment)
+        plan = space.decode(space.encode(uni))
+        pruned = apply_plan(model, plan, args, spec=spec).eval()
+        ratio, iqr = backend.measure_ratio(pruned, dense, args)
+        if float(ratio) <= fraction:
+            if best is None or r > best.keep_ratio:
+                best = BudgetAnchor(float(predictor.predict(plan)), r, float(ratio), float(iqr),
+                                    plan)
+            lo = r
+        else:
+            hi = r
+    return best
 
 
 def _select_by_ratio(result: Any, model: nn.Module, args: tuple[Any, ...], spec: ModelSpec,

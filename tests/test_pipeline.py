@@ -127,3 +127,37 @@ def test_cli_helpers():
         load_model("resnet18")
     with pytest.raises(InvalidInputError, match="no attribute"):
         load_model("autoprune.zoo:nope")
+
+
+def test_anchor_budget_is_the_widest_uniform_plan_that_measures_within_the_fraction():
+    """The budget fraction becomes predicted ms through a measured uniform plan; a plan one
+    bisection step wider measures over the fraction (on the deterministic synthetic device)."""
+    from types import SimpleNamespace
+
+    from _latency_helpers import synthetic_conv1d
+
+    from autoprune.executor import apply_plan
+    from autoprune.pipeline import anchor_budget_ms
+
+    s = synthetic_conv1d(width=64)
+    predictor = SimpleNamespace(predict=s["predict_ms"])
+    a = anchor_budget_ms(s["model"], s["x"], s["spec"], s["table"], s["backend"], predictor,
+                         0.5, iters=6)
+    assert a is not None and a.measured_ratio <= 0.5
+    assert a.budget_ms == pytest.approx(s["predict_ms"](a.plan))
+    assert 0 < a.keep_ratio < 1 and a.budget_ms < s["dense_ms"]
+    ratios = {round(gp.keep_ratio, 2) for gp in a.plan.groups.values()}
+    assert len(ratios) <= 2  # one keep ratio for all groups, up to width-grid rounding
+    # nothing fits below the narrowest plan: None, not a plan that misses
+    assert anchor_budget_ms(s["model"], s["x"], s["spec"], s["table"], s["backend"], predictor,
+                            1e-4, iters=3) is None
+    wider = a.keep_ratio + 1 / 64
+    from autoprune.plan import PruningPlan
+    from autoprune.space import SearchSpace
+
+    space = SearchSpace.from_spec(s["spec"], s["table"], s["backend"])
+    plan = space.decode(space.encode(PruningPlan.uniform(s["spec"], wider,
+                                                         alignment=space.alignment)))
+    pruned = apply_plan(s["model"], plan, s["x"], spec=s["spec"]).eval()
+    r, _ = s["backend"].measure_ratio(pruned, s["model"].eval(), s["x"])
+    assert r > 0.5 or plan.to_dict() == a.plan.to_dict()
