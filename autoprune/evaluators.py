@@ -68,7 +68,8 @@ def _forward(model: nn.Module, x: Any) -> torch.Tensor:
     return out
 
 
-def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int = 10) -> nn.Module:
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int = 10,
+                          device: Any = None) -> nn.Module:
     """Re-estimate every BatchNorm's running mean/variance from ``batches`` batches
     (cumulative average, no gradient), in place; returns the model in eval mode."""
     import torch
@@ -88,7 +89,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int 
                 if i >= batches:
                     break
                 x, _ = _split_batch(batch)
-                _forward(model, x)
+                _forward(model, _to_device(x, device))
     finally:
         for m, mom in saved:
             m.momentum = mom
@@ -96,7 +97,16 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int 
     return model
 
 
-def _short_finetune(model: nn.Module, loader: Iterable[Any], steps: int, lr: float) -> None:
+def _to_device(x: Any, device: Any) -> Any:
+    if device is None:
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x.to(device) if hasattr(x, "to") else x
+
+
+def _short_finetune(model: nn.Module, loader: Iterable[Any], steps: int, lr: float,
+                    device: Any = None) -> None:
     import torch
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -111,6 +121,7 @@ def _short_finetune(model: nn.Module, loader: Iterable[Any], steps: int, lr: flo
             if y is None:
                 raise InvalidInputError("the fine-tune proxy needs labelled batches (x, y); "
                                         "the calibration loader gave inputs only")
+            x, y = _to_device(x, device), _to_device(y, device)
             loss = torch.nn.functional.cross_entropy(_forward(model, x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -126,7 +137,8 @@ def _short_finetune(model: nn.Module, loader: Iterable[Any], steps: int, lr: flo
 class AccuracyEvaluator:
     """Top-1 accuracy on ``loader`` after BatchNorm re-calibration on ``calib_loader``
     (default: ``loader``'s inputs; labels are not used for it) and an optional short
-    fine-tune of ``finetune_steps`` SGD steps on ``calib_loader``."""
+    fine-tune of ``finetune_steps`` SGD steps on ``calib_loader``. ``device`` (e.g. ``"cuda"``)
+    is where the proxy computes; latency is measured on the target device either way."""
 
     def __init__(
         self,
@@ -136,8 +148,10 @@ class AccuracyEvaluator:
         finetune_steps: int = 0,
         finetune_lr: float = 0.01,
         max_batches: int | None = None,
+        device: str | None = None,
     ) -> None:
         self.loader = loader
+        self.device = device
         self.calib_loader = calib_loader
         self.bn_recalibration_batches = bn_recalibration_batches
         self.finetune_steps = finetune_steps
@@ -150,9 +164,11 @@ class AccuracyEvaluator:
         if self.bn_recalibration_batches < 0 or self.finetune_steps < 0:
             raise InvalidInputError("bn_recalibration_batches and finetune_steps must be >= 0")
         calib = self.calib_loader if self.calib_loader is not None else self.loader
+        if self.device is not None:
+            model.to(self.device)
         if self.finetune_steps > 0:
-            _short_finetune(model, calib, self.finetune_steps, self.finetune_lr)
-        recalibrate_batchnorm(model, calib, self.bn_recalibration_batches)
+            _short_finetune(model, calib, self.finetune_steps, self.finetune_lr, self.device)
+        recalibrate_batchnorm(model, calib, self.bn_recalibration_batches, self.device)
         correct = total = 0
         with torch.no_grad():
             for batch in itertools.islice(self.loader, self.max_batches):
@@ -160,8 +176,8 @@ class AccuracyEvaluator:
                 if y is None:
                     raise InvalidInputError("accuracy_evaluator needs labelled batches (x, y); "
                                             "use agreement_evaluator for unlabelled data")
-                pred = _forward(model, x).argmax(dim=-1)
-                correct += int((pred == y).sum())
+                pred = _forward(model, _to_device(x, self.device)).argmax(dim=-1)
+                correct += int((pred.cpu() == y).sum())
                 total += int(y.numel())
         if total == 0:
             raise InvalidInputError("the evaluation loader gave no samples")
@@ -175,10 +191,11 @@ def accuracy_evaluator(
     finetune_steps: int = 0,
     finetune_lr: float = 0.01,
     max_batches: int | None = None,
+    device: str | None = None,
 ) -> AccuracyEvaluator:
     """Labelled accuracy proxy (BatchNorm re-calibration on by default)."""
     return AccuracyEvaluator(loader, calib_loader, bn_recalibration_batches, finetune_steps,
-                             finetune_lr, max_batches)
+                             finetune_lr, max_batches, device)
 
 
 class AgreementEvaluator:
