@@ -76,7 +76,7 @@ def example_input(name: str, size: int) -> torch.Tensor:
     return torch.randn(1, 1, 40) if name == "conv1d" else torch.randn(1, 3, size, size)
 
 
-def dense_model(name: str, size: int, work: Path, epochs: int) -> nn.Module:
+def dense_model(name: str, size: int, work: Path, epochs: int, device: str = "cpu") -> nn.Module:
     """Train (once; cached in ``work``) the dense model with seed 0."""
     from autoprune.finetune import finetune
     from autoprune.io import atomic_torch_save, safe_torch_load
@@ -88,7 +88,8 @@ def dense_model(name: str, size: int, work: Path, epochs: int) -> nn.Module:
         model.load_state_dict(safe_torch_load(path))
         return model.eval()
     train, _, _ = loaders(name, 0, size)
-    finetune(model, train, epochs=epochs, lr=0.05, seed=0, progress=False)
+    finetune(model, train, epochs=epochs, lr=0.05, seed=0, progress=False, device=device)
+    model.cpu()
     atomic_torch_save(model.state_dict(), path)
     return model.eval()
 
@@ -157,10 +158,12 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
                     hold: DataLoader, train: DataLoader, n_trials: int, seed: int,
                     cache: dict[str, Any], work: Path, name: str, spec: Any,
                     predictor_samples: int, proxy_steps: int = 0,
-                    tag: str = "autoprune") -> tuple[nn.Module, Any, str]:
-    """Search at ``frac x predicted dense`` and take the best-proxy feasible plan whose paired
-    measured ratio is <= frac (the pipeline's ``budget_fraction`` mode, no headroom here so all
-    methods face the same criterion). Table and predictor are built once per model."""
+                    tag: str = "autoprune", tables_root: Path | None = None,
+                    train_device: str = "cpu") -> tuple[nn.Module, Any, str]:
+    """The pipeline's ``budget_fraction`` mode: search at the anchored budget (predicted latency
+    of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
+    take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
+    so all methods face the same criterion). Table and predictor are built once per model."""
     from autoprune.evaluators import accuracy_evaluator
     from autoprune.executor import apply_plan
     from autoprune.pipeline import _select_by_ratio
@@ -171,8 +174,8 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
 
     if "predictor" not in cache:
         t0 = time.perf_counter()
-        cache["table"] = profile(model, (x,), backend, spec=spec, root=work / "latency_tables",
-                                 progress=False)
+        cache["table"] = profile(model, (x,), backend, spec=spec,
+                                 root=tables_root or work / "latency_tables", progress=False)
         pred_path = work / f"predictor_{name}.csv"
         if pred_path.exists():  # fitted by an earlier run of this script (same model, device)
             cache["predictor"] = LatencyPredictor.load(pred_path, table=cache["table"])
@@ -185,14 +188,26 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
         cache["setup_s"] = time.perf_counter() - t0
         print(f"  [{name}] table + predictor in {cache['setup_s']:.0f}s", flush=True)
     predictor = cache["predictor"]
-    budget_ms = frac * float(predictor.predict(PruningPlan.dense(spec)))
+    # the pipeline's budget anchoring: the predicted latency of the widest uniform plan whose
+    # measured ratio fits (cached per model and budget: it does not depend on the seed)
+    from autoprune.pipeline import anchor_budget_ms
+
+    key = f"anchor_{frac}"
+    if key not in cache:
+        cache[key] = (anchor_budget_ms(model, (x,), spec, cache["table"], backend, predictor, frac)
+                      or anchor_budget_ms(model, (x,), spec, cache["table"], backend, predictor,
+                                          frac, {"min_keep_ratio": 0.05}))
+    anchor = cache[key]
+    budget_ms = (anchor.budget_ms if anchor is not None
+                 else frac * float(predictor.predict(PruningPlan.dense(spec))))
     run_dir = work / f"search_{name}_{frac:g}_s{seed}" / tag
     import warnings
 
     from autoprune.errors import InfeasibleBudgetError
     from autoprune.space import SearchSpace
 
-    note = ""
+    note = (f"budget anchored at uniform keep {anchor.keep_ratio:.3f} (measured ratio "
+            f"{anchor.measured_ratio:.3f}, predicted {budget_ms:.4g} ms);" if anchor else "")
     result = None
     # the default space first; a budget below its predicted fastest plan retries with narrower
     # widths allowed (min_keep_ratio 0.05), then searches just above the predicted floor and
@@ -209,7 +224,8 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
                 warnings.simplefilter("ignore")
                 result = search(model, (x,), device=backend, latency_budget_ms=search_ms,
                                 evaluator=accuracy_evaluator(hold, calib_loader=train,
-                                                             finetune_steps=proxy_steps),
+                                                             finetune_steps=proxy_steps,
+                                                             device=train_device),
                                 n_trials=n_trials, table=cache["table"], predictor=predictor,
                                 run_dir=run_dir / f"space{len(space_options)}_{i}", seed=seed,
                                 progress=False, spec=spec, verify_finalists=False,
@@ -260,7 +276,7 @@ def run(args: argparse.Namespace) -> None:
     methods = args.methods.split(",")
     for name in args.models.split(","):
         x = example_input(name, args.size)
-        dense = dense_model(name, args.size, work, args.dense_epochs)
+        dense = dense_model(name, args.size, work, args.dense_epochs, args.train_device)
         _, _, test = loaders(name, 0, args.size)
         acc_dense = evaluate_accuracy(dense, test)
         dense_sample = backend.measure_model(dense, (x,))
@@ -283,7 +299,9 @@ def run(args: argparse.Namespace) -> None:
                         steps = args.proxy_finetune_steps if method == "autoprune_ftproxy" else 0
                         pruned, plan, note = autoprune_model(
                             dense, x, backend, frac, hold, train, args.n_trials, seed, cache,
-                            work, name, spec, args.predictor_samples, steps, method)
+                            work, name, spec, args.predictor_samples, steps, method,
+                            Path(args.tables_root) if args.tables_root else None,
+                            args.train_device)
                         ratio, iqr = paired(backend, pruned, dense, x)
                         plan_note = (note + " " if note else "") + plan.to_json(indent=None)
                     elif method == "uniform16":
@@ -299,8 +317,9 @@ def run(args: argparse.Namespace) -> None:
                     t_prune = time.perf_counter() - t0
                     acc_before = evaluate_accuracy(pruned, test)
                     finetune(pruned, train, epochs=args.epochs, lr=args.lr, seed=seed,
-                             teacher=copy.deepcopy(dense), progress=False)
-                    pruned.eval()
+                             teacher=copy.deepcopy(dense), progress=False,
+                             device=args.train_device)
+                    pruned.cpu().eval()
                     acc = evaluate_accuracy(pruned, test)
                     # re-measure after fine-tuning (weights changed, shapes did not)
                     ratio2, iqr2 = paired(backend, pruned, dense, x)
@@ -314,6 +333,7 @@ def run(args: argparse.Namespace) -> None:
                         "latency_ms": ratio2 * dense_sample.median_ms, "budget_ms": budget_ms,
                         "meets_budget": bool(ratio2 <= frac), "prune_s": round(t_prune, 1),
                         "total_s": round(time.perf_counter() - t0, 1), "plan": plan_note,
+                        "cpu": backend.device_info().device_name,
                     }
                     print(f"  {name} {frac:.2f} {method:9s} seed {seed}: acc {100 * acc:.2f}% "
                           f"(before ft {100 * acc_before:.1f}%), ratio {ratio2:.3f}±{iqr2:.3f}, "
@@ -358,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictor-samples", type=int, default=40)
     p.add_argument("--proxy-finetune-steps", type=int, default=30,
                    help="SGD steps per trial in the accuracy proxy of method autoprune_ftproxy")
+    p.add_argument("--train-device", default="cpu",
+                   help="where dense training, fine-tuning and the search proxy run (latency is "
+                        "always ONNX Runtime CPU, 1 thread)")
+    p.add_argument("--tables-root", default="latency_tables",
+                   help="latency tables root (the shipped tables; a new CPU gets its own "
+                        "directory there); empty for WORK/latency_tables")
     p.add_argument("--work", default="runs/bench_e2e")
     p.add_argument("--out", default="runs/bench_e2e/results.csv")
     p.add_argument("--summarize", action="store_true", help="print the markdown table and exit")
