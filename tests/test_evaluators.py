@@ -63,6 +63,26 @@ def test_finetune_proxy_trains_and_needs_labels():
         accuracy_evaluator(unlabelled)(net)
 
 
+def test_accuracy_evaluator_device_moves_model_and_batches():
+    """``device=`` gives the same score as no device on the CPU, batches reach the model on
+    that device, and on a CUDA machine (the lent GPU) the proxy runs there."""
+    loader = _data()
+    torch.manual_seed(0)
+    plain = accuracy_evaluator(loader, finetune_steps=5)(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    on_cpu = accuracy_evaluator(loader, finetune_steps=5, device="cpu")(net)
+    assert on_cpu == plain
+    bn = _bn_net()
+    seen: list[torch.device] = []
+    bn[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].device))
+    accuracy_evaluator(loader, bn_recalibration_batches=2, device="cpu")(bn)
+    assert seen and all(d.type == "cpu" for d in seen)
+    if torch.cuda.is_available():
+        assert accuracy_evaluator(loader, device="cuda")(_bn_net()) > 0.9
+
+
 def test_agreement_top1_and_kl():
     loader = _data()
     dense = _bn_net()
