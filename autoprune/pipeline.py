@@ -285,7 +285,8 @@ def run_pipeline(
     found by bisection (about five paired measurements) and its *predicted* latency becomes the
     search budget, so a predictor that is biased for small plans neither wastes the budget nor
     overshoots it (without such a plan: ``fraction x predicted dense latency``). Then the
-    feasible trials are re-measured best-proxy first and the first whose measured ratio is
+    feasible trials are re-measured in :func:`candidate_order` (proxy ties within 0.01 of the
+    best: largest predicted latency first; then by proxy) and the first whose measured ratio is
     within ``fraction x (1 - budget_headroom)`` is taken (``finalists.csv``); the headroom keeps
     the final verification, a fresh noisy measurement, on the right side of the budget.
     """
@@ -598,10 +599,28 @@ def anchor_budget_ms(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, t
     return best
 
 
+def candidate_order(trials: Any, proxy_tolerance: float = 0.01) -> Any:
+    """Feasible trials in the order they are re-measured: first those whose proxy is within
+    ``proxy_tolerance`` of the best, largest predicted latency first (a proxy difference that
+    small is noise on a few hundred held-out samples, and the larger plan keeps more of the
+    network for fine-tuning); then the rest by proxy, faster first on ties."""
+    import pandas as pd
+
+    cands = trials[trials["feasible"].astype(bool) & trials["proxy"].notna()]
+    if cands.empty:
+        return cands
+    top = cands["proxy"] >= cands["proxy"].max() - proxy_tolerance
+    head = cands[top].sort_values(["predicted_latency_ms", "proxy"], ascending=[False, False])
+    tail = cands[~top].sort_values(["proxy", "predicted_latency_ms"], ascending=[False, True])
+    return pd.concat([head, tail])
+
+
 def _select_by_ratio(result: Any, model: nn.Module, args: tuple[Any, ...], spec: ModelSpec,
                      backend: Any, fraction: float, run_dir: Path, search_budget_ms: float,
-                     max_candidates: int = 8) -> PruningPlan | None:
-    """Best-proxy feasible trial whose measured paired ratio vs dense is <= ``fraction``."""
+                     max_candidates: int = 8, proxy_tolerance: float = 0.01,
+                     ) -> PruningPlan | None:
+    """The first trial in :func:`candidate_order` whose measured paired ratio vs dense is <=
+    ``fraction``."""
     import optuna
     import pandas as pd
 
@@ -614,8 +633,7 @@ def _select_by_ratio(result: Any, model: nn.Module, args: tuple[Any, ...], spec:
                               storage=make_storage(None, result.run_dir))
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     tr = result.trials
-    cands = tr[tr["feasible"].astype(bool) & tr["proxy"].notna()]
-    cands = cands.sort_values(["proxy", "predicted_latency_ms"], ascending=[False, True])
+    cands = candidate_order(tr, proxy_tolerance)
     dense = copy.deepcopy(model).eval()
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()

@@ -161,3 +161,23 @@ def test_anchor_budget_is_the_widest_uniform_plan_that_measures_within_the_fract
     pruned = apply_plan(s["model"], plan, s["x"], spec=s["spec"]).eval()
     r, _ = s["backend"].measure_ratio(pruned, s["model"].eval(), s["x"])
     assert r > 0.5 or plan.to_dict() == a.plan.to_dict()
+
+
+def test_candidate_order_prefers_the_larger_plan_among_proxy_ties():
+    import pandas as pd
+
+    from autoprune.pipeline import candidate_order
+
+    trials = pd.DataFrame({
+        "trial": [0, 1, 2, 3, 4, 5],
+        "proxy": [0.950, 0.955, 0.948, 0.90, 0.91, None],
+        "predicted_latency_ms": [1.0, 0.6, 1.2, 1.5, 0.5, 1.1],
+        "feasible": [True, True, True, True, True, True],
+    })
+    trials.loc[3, "feasible"] = False
+    order = candidate_order(trials, proxy_tolerance=0.01)["trial"].tolist()
+    # within 0.01 of the best (0.955): 2, 0, 1 by predicted latency, largest first; then 4;
+    # the infeasible trial 3 and the failed trial 5 are never candidates
+    assert order == [2, 0, 1, 4]
+    assert candidate_order(trials, proxy_tolerance=0.0)["trial"].tolist() == [1, 0, 2, 4]
+    assert candidate_order(trials[trials["trial"] == 3]).empty
