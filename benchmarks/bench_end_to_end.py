@@ -363,6 +363,28 @@ def summarize(paths: list[Path]) -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def paired_summary(paths: list[Path], method: str = "autoprune") -> str:
+    """Markdown table: per model/budget/epochs, ``method``'s accuracy minus each other method's
+    on the same seed (same dense model, data order and fine-tuning), mean ± standard error and
+    how often ``method`` was ahead."""
+    df = pd.concat([pd.read_csv(p) for p in paths if p.exists()], ignore_index=True)
+    rows = []
+    for (model, frac, epochs), g in df.groupby(["model", "budget_fraction", "epochs"], sort=True):
+        wide = g.pivot_table(index="seed", columns="method", values="acc") * 100
+        if method not in wide:
+            continue
+        for other in [c for c in wide.columns if c != method]:
+            d = (wide[method] - wide[other]).dropna()
+            if len(d) < 2:
+                continue
+            se = d.std(ddof=1) / np.sqrt(len(d))
+            rows.append(f"| {model} | {frac:.2f} | {epochs} | {other} | {len(d)} | "
+                        f"{d.mean():+.1f} ± {se:.1f} | {int((d > 0).sum())}/{int((d < 0).sum())} |")
+    head = (f"| model | budget | ft epochs | vs | seeds | {method} − other, points (mean ± SE) "
+            "| ahead/behind |\n|---|---|---|---|---|---|---|")
+    return head + "\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -390,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.summarize:
-        print(summarize([Path(p) for p in args.out.split(",")]))
+        paths = [Path(p) for p in args.out.split(",")]
+        print(summarize(paths))
+        print()
+        print(paired_summary(paths))
         return 0
     run(args)
     print(summarize([Path(args.out)]))

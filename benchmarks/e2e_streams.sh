@@ -6,6 +6,7 @@
 # TRAIN_DEVICE (e.g. cuda) so that the CPU cores do the latency work only.
 #
 #   benchmarks/e2e_streams.sh WORK TIMEOUT_S [TRAIN_DEVICE] [MODELS] [SEEDS]
+#   REGIMES=hard benchmarks/e2e_streams.sh ...     # only the hard regime
 #
 # Each stream runs the standard regime (budgets 0.7,0.5,0.35,0.2 of dense latency, 3 epochs)
 # and the hard regime (0.2, 1 epoch), appending rows to WORK/results_<model>_s<seed>.csv; a
@@ -14,7 +15,7 @@
 set -u
 WORK=${1:?work dir}; TIMEOUT=${2:?timeout in s}; DEV=${3:-cpu}
 MODELS=${4:-conv1d,resnet18,mobilenet_v2}; SEEDS=${5:-0,1,2}
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python3}; REGIMES=${REGIMES:-hard,standard}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$WORK"
 END=$(( $(date +%s) + TIMEOUT ))
@@ -30,10 +31,10 @@ for m in ${MODELS//,/ }; do
       common=(--models "$m" --seeds "$s" --work "$w" --tables-root "$w/latency_tables" --out "$out"
               --train-device "$DEV" --n-trials 16 --bisect-iters 5 --dense-epochs 6
               --methods autoprune_ftproxy,uniform16,tp_global,autoprune)
-      timeout "$(left)" taskset -c "$cpu" "$PY" benchmarks/bench_end_to_end.py "${common[@]}" \
-        --budgets 0.2 --epochs 1
-      timeout "$(left)" taskset -c "$cpu" "$PY" benchmarks/bench_end_to_end.py "${common[@]}" \
-        --budgets 0.7,0.5,0.35,0.2 --epochs 3
+      [[ $REGIMES == *hard* ]] && timeout "$(left)" taskset -c "$cpu" "$PY" \
+        benchmarks/bench_end_to_end.py "${common[@]}" --budgets 0.2 --epochs 1
+      [[ $REGIMES == *standard* ]] && timeout "$(left)" taskset -c "$cpu" "$PY" \
+        benchmarks/bench_end_to_end.py "${common[@]}" --budgets 0.7,0.5,0.35,0.2 --epochs 3
     ) >"$WORK/log_${m}_s${s}.txt" 2>&1 &
   done
 done
