@@ -402,13 +402,17 @@ def run_pipeline(
             search_evaluator = accuracy_evaluator(val_loader, calib_loader=train_loader)
         search_budget_ms = latency_budget_ms
         opts = dict(search_options or {})
-        if budget_fraction is not None:
+        if budget_fraction is not None and state.get("search_budget_ms") is not None:
+            search_budget_ms = float(state.get("search_budget_ms"))  # an interrupted search
+        elif budget_fraction is not None:
             say("anchoring the search budget: bisecting a uniform plan on measured ratios")
             anchor = anchor_budget_ms(model, args, spec, table, backend, predictor,
                                       budget_fraction * (1.0 - budget_headroom),
                                       opts.get("space_options"))
             search_budget_ms = (anchor.budget_ms if anchor is not None else
                                 budget_fraction * float(predictor.predict(PruningPlan.dense(spec))))
+            # kept so that a resumed search asks for the same budget its study was made for
+            state.set(search_budget_ms=search_budget_ms)
         say(f"searching ({n_trials} trials, budget {search_budget_ms:.4g} ms"
             + (f" = {budget_fraction:.0%} of dense)" if budget_fraction is not None else ")"))
         if budget_fraction is not None:

@@ -37,7 +37,7 @@ def trained():
     return model.eval(), train_loader, test_loader
 
 
-def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_tables):
+def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_tables, monkeypatch):
     from autoprune.pipeline import Step, load_pruned, run_pipeline
 
     model, train_loader, test_loader = trained
@@ -80,6 +80,25 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
     assert rep2.accuracy_pruned == rep.accuracy_pruned
     assert rep2.verify is not None and rep2.verify.ratio == v.ratio
     assert rep2.plan.to_dict() == rep.plan.to_dict()
+
+    # a search interrupted after its study was written resumes with the budget the study was
+    # made for (the anchor is measured once and kept in state.json, not re-measured)
+    state_path = tmp_path / "run" / "state.json"
+    st = json.loads(state_path.read_text())
+    assert st["values"]["search_budget_ms"] > 0
+    n_trials_before = len((tmp_path / "run" / "trials.csv").read_text().splitlines())
+    st["completed"] = [c for c in st["completed"] if c in ("analyze", "profile", "predictor")]
+    state_path.write_text(json.dumps(st))
+    (tmp_path / "run" / "plan.json").unlink()
+    import autoprune.pipeline as pipeline_module
+
+    def remeasure(*_a, **_k):  # noise can flip a bisection step: a new budget, a refused study
+        raise AssertionError("the anchor was measured again on resume")
+
+    monkeypatch.setattr(pipeline_module, "anchor_budget_ms", remeasure)
+    rep3 = run_pipeline(model, x, **kw)
+    assert rep3.steps["search"] == "ran"
+    assert len((tmp_path / "run" / "trials.csv").read_text().splitlines()) == n_trials_before
 
     # the same run_dir with another budget is refused
     with pytest.raises(InvalidInputError, match="other settings"):
