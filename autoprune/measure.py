@@ -10,7 +10,7 @@
   the per-pair ratios is far steadier than two absolute medians taken apart;
 * no configuration is timed cold: each sample is a burst (run untimed for ``settle_ms``, then
   ``burst_runs`` timed runs), because a small model timed right after a large one ran up to
-  2.5x slower than in steady state on our CPUs (BENCHMARKS.md, "Paired timing");
+  2.4x slower than in steady state on our CPUs (BENCHMARKS.md, "Paired timing");
 * very short calls are repeated ``calls_per_sample`` times per timed sample so that one sample
   lasts at least ``min_sample_ms`` (timer resolution and call overhead stay small).
 
