@@ -113,3 +113,23 @@ def test_import_rejects_mismatched_or_corrupt_results(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(CorruptFileError, match="line 1"):
         import_bundle(bad, manifest)
+
+
+@pytest.mark.parametrize("old_manifest", [False, True])
+def test_runner_uses_bursts_unless_the_bundle_predates_them(tmp_path, old_manifest):
+    """A bundle records settle_ms/burst_runs and the runner times bursts of that size (7 runs
+    asked, bursts of 5 -> 10 timed); a manifest written before bursts existed (no such keys)
+    is timed one run per sample, as when it was made (exactly 7)."""
+    proto = ProtocolSettings(warmup_runs=0, min_runs=7, max_runs=7, target_rel_iqr=1.0,
+                             time_cap_s=0.1, min_sample_ms=0.0, settle_ms=0.0, burst_runs=5)
+    out = tmp_path / "b"
+    export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), out, spec=small_spec(32),
+                  alignment=16, widths=[0.5, 1.0], protocol=proto, progress=False)
+    if old_manifest:
+        man = json.loads((out / "manifest.json").read_text())
+        del man["protocol"]["settle_ms"], man["protocol"]["burst_runs"]
+        (out / "manifest.json").write_text(json.dumps(man))
+    proc = _run_runner(out, "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads(Path(proc.stdout.strip()).read_text())["entries"].values()
+    assert entries and {e["n_runs"] for e in entries} == ({7} if old_manifest else {10})
