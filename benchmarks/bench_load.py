@@ -28,15 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from autoprune.bundle_runner import cpu_fingerprint
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -72,16 +72,6 @@ class RssSampler:
 
         self.samples.append((time.time(), psutil.Process().memory_info().rss / 2**20))
 
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
@@ -181,7 +171,8 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
     report = {
         "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{os.cpu_count()} vCPU, {_cpu_model()} (shared with other jobs)",
+        "machine": f"{os.cpu_count()} vCPU, {cpu_fingerprint()['device_name']} "
+                   "(shared with other jobs)",
         "model": "resnet18 (10 classes) at 1x3x32x32",
         "groups": len(spec.groups),
         "searchable_params": n_params,

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from autoprune.bundle_runner import cpu_fingerprint
 
 
 def _model(name: str) -> tuple[Any, tuple[Any, ...]]:
@@ -46,16 +46,6 @@ def _model(name: str) -> tuple[Any, tuple[Any, ...]]:
         return zoo.conv1d_net().eval(), (torch.randn(1, 1, 40),)
     return zoo.torchvision_model(name, num_classes=10).eval(), (torch.randn(1, 3, 32, 32),)
 
-
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _table(model: Any, x: Any, spec: Any, backend: Any, shipped_root: Path, work_root: Path
@@ -273,7 +263,8 @@ def main() -> None:
 
         atomic_write_json(out / "results.json", {
             "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            "cpu": _cpu_name(), "threads": args.threads, "args": vars(args), "results": results,
+            "cpu": cpu_fingerprint()["device_name"], "threads": args.threads, "args": vars(args),
+            "results": results,
         })
     print(_markdown(results))
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -33,16 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
+from autoprune.bundle_runner import cpu_fingerprint
 
 
 def bench_model(name: str, threads: int, n_check: int, seed: int) -> dict[str, Any]:
@@ -158,7 +147,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     results = [bench_model(m, args.threads, args.n_check, args.seed) for m in args.models]
-    meta = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"cpu": cpu_fingerprint()["device_name"],
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "torch": torch.__version__}
     print(json.dumps({"meta": meta, "results": results}, indent=1))
     print()
