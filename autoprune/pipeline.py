@@ -579,7 +579,6 @@ def anchor_budget_ms(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, t
     search (a warm start), so the search has to beat it on the proxy. None if even the
     narrowest uniform plan measured does not fit."""
     from autoprune.executor import apply_plan
-    from autoprune.plan import PruningPlan
     from autoprune.space import SearchSpace
 
     space = SearchSpace.from_spec(spec, table, backend, **(space_options or {}))
@@ -588,9 +587,7 @@ def anchor_budget_ms(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, t
     lo, hi = 0.0, 1.0
     for _ in range(max(1, iters)):
         r = 0.5 * (lo + hi)
-        uni = PruningPlan.uniform(spec, max(r, 1e-3), structure="channel",
-                                  alignment=space.alignment)
-        plan = space.decode(space.encode(uni))
+        plan = space.uniform_plan(max(r, 1e-3))
         pruned = apply_plan(model, plan, args, spec=spec).eval()
         ratio, iqr = backend.measure_ratio(pruned, dense, args)
         if float(ratio) <= fraction:

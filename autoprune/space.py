@@ -362,6 +362,14 @@ class SearchSpace:
     def dense_plan(self) -> PruningPlan:
         return self._base_plan()
 
+    def uniform_plan(self, keep_ratio: float) -> PruningPlan:
+        """Every channel group at the same keep ratio, snapped to this space's width grid (the
+        plan a user would try by hand, expressed in this space)."""
+        from autoprune.plan import PruningPlan
+
+        return self.decode(self.encode(PruningPlan.uniform(
+            self.spec, keep_ratio, structure="channel", alignment=self.alignment)))
+
     def size(self) -> float:
         """Number of distinct plans (may be astronomically large; returned as a float)."""
         total = 1.0

@@ -171,12 +171,9 @@ def test_anchor_budget_is_the_widest_uniform_plan_that_measures_within_the_fract
     assert anchor_budget_ms(s["model"], s["x"], s["spec"], s["table"], s["backend"], predictor,
                             1e-4, iters=3) is None
     wider = a.keep_ratio + 1 / 64
-    from autoprune.plan import PruningPlan
     from autoprune.space import SearchSpace
 
-    space = SearchSpace.from_spec(s["spec"], s["table"], s["backend"])
-    plan = space.decode(space.encode(PruningPlan.uniform(s["spec"], wider,
-                                                         alignment=space.alignment)))
+    plan = SearchSpace.from_spec(s["spec"], s["table"], s["backend"]).uniform_plan(wider)
     pruned = apply_plan(s["model"], plan, s["x"], spec=s["spec"]).eval()
     r, _ = s["backend"].measure_ratio(pruned, s["model"].eval(), s["x"])
     assert r > 0.5 or plan.to_dict() == a.plan.to_dict()

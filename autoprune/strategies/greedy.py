@@ -91,17 +91,11 @@ def uniform_plan(problem: SearchProblem, steps: int = 64) -> PruningPlan | None:
 
     Enqueued beside the greedy plan as a warm start, so the search always scores the plan a
     user would try first by hand and has to beat it on the proxy to pick anything else."""
-    import numpy as np
-
-    from autoprune.plan import PruningPlan
-
     space = problem.space
     plans: list[PruningPlan] = []
     seen: set[str] = set()
     for r in np.linspace(1.0, 0.0, steps + 1)[1:-1]:
-        uni = PruningPlan.uniform(space.spec, float(r), structure="channel",
-                                  alignment=space.alignment)
-        plan = space.decode(space.encode(uni))
+        plan = space.uniform_plan(float(r))
         key = plan_key(plan)
         if key not in seen:
             seen.add(key)
