@@ -7,19 +7,80 @@ default protocol: settle, then a burst of timed runs per model) and without them
 per model per pair, the protocol before 2026-11-22's fix).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_pairing.py [--keep 0.4] [--repeats 5]
+    OMP_NUM_THREADS=1 python benchmarks/bench_pairing.py --explore [--keep 0.4]
+
+``--explore`` prints what led to the burst protocol and what it leaves: the pruned model's
+time on its k-th consecutive run after the dense model, after a sleep or a busy-wait instead
+of the dense model, paired ratios for several settle times, a long continuous series, and the
+per-call spread of ``ratio_protocol`` after a pre-warm of alternating runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import numpy as np
 import torch
 
 import autoprune as ap
+from autoprune import bundle_runner as core
 from autoprune import zoo
 from autoprune.measure import ProtocolSettings
+
+
+def _spin(ms: float) -> None:
+    t0 = time.perf_counter()
+    while (time.perf_counter() - t0) * 1e3 < ms:
+        pass
+
+
+def explore(small, big, repeats: int = 60) -> None:
+    med = statistics.median
+    for _ in range(20):
+        small(), big()
+    print(f"alone {med([small() for _ in range(200)]):.3f} ms, "
+          f"dense {med([big() for _ in range(100)]):.3f} ms")
+    pos: list[list[float]] = [[] for _ in range(12)]
+    for _ in range(repeats):
+        big()
+        for k in range(12):
+            pos[k].append(small())
+    print("k-th run after dense (k=1..12), ms:", [round(med(v), 3) for v in pos])
+    for what, wait in [("sleep", lambda ms: time.sleep(ms / 1e3)), ("busy-wait", _spin)]:
+        for ms in (0.5, 2.0, 10.0):
+            t = []
+            for _ in range(repeats):
+                big()
+                wait(ms)
+                t.append(small())
+            print(f"after dense + {what} {ms} ms: {med(t):.3f} ms")
+    for settle in (1, 3, 6, 12, 25):
+        r = []
+        for i in range(30):
+            if i % 2:
+                t_small = med(core.burst(small, settle, 5))
+                t_big = med(core.burst(big, settle, 5))
+            else:
+                t_big = med(core.burst(big, settle, 5))
+                t_small = med(core.burst(small, settle, 5))
+            r.append(t_small / t_big)
+        q = np.percentile(r, [25, 75])
+        print(f"settle {settle} ms + burst of 5: ratio {med(r):.3f} (IQR {q[1] - q[0]:.3f})")
+    series = [small() for _ in range(400)]
+    print("continuous runs, median of each block of 40, ms:",
+          [round(med(series[i:i + 40]), 3) for i in range(0, 400, 40)])
+    for pre_ms in (0, 100, 300, 1000):
+        out = []
+        for _ in range(6):
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            while (time.perf_counter() - t0) * 1e3 < pre_ms:
+                small(), big()
+            m, iqr, n, _ = core.summarize(core.ratio_protocol(small, big, time_cap_s=1.0))
+            out.append(f"{m:.3f} ({100 * iqr / m:.0f}%, n={n})")
+        print(f"pre-warm {pre_ms} ms, ratio_protocol per call (relative IQR):", ", ".join(out))
 
 
 def main() -> None:
@@ -28,6 +89,7 @@ def main() -> None:
     ap_.add_argument("--keep", type=float, default=0.4)
     ap_.add_argument("--repeats", type=int, default=5)
     ap_.add_argument("--runs", type=int, default=40)
+    ap_.add_argument("--explore", action="store_true")
     args = ap_.parse_args()
     torch.manual_seed(0)
     dense = zoo.torchvision_model(args.model, num_classes=10).eval()
@@ -36,6 +98,10 @@ def main() -> None:
     pruned = ap.apply_plan(dense, ap.PruningPlan.uniform(spec, args.keep, alignment=16), x)
     be = ap.get_backend("onnxruntime-cpu", threads=1)
     small, big = be._timer_for_model(pruned, (x,)), be._timer_for_model(dense, (x,))
+    if args.explore:
+        print(f"{args.model} 1x3x32x32, uniform keep {args.keep} (alignment 16), ORT CPU 1 thread")
+        explore(small, big)
+        return
     rows = {"alone_ms": [], "alternated_ms": [], "third_run_after_dense_ms": [],
             "dense_ms": [], "ratio_alone": [], "paired_ratio": [], "paired_ratio_cold": []}
     cold = ProtocolSettings(settle_ms=0.0, burst_runs=1)
