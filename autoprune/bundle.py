@@ -35,14 +35,14 @@ import torch
 
 from autoprune.errors import CorruptFileError, InvalidInputError
 from autoprune.measure import ProtocolSettings
-from autoprune.profiler import (
+from autoprune.latency._profile import (
     ALIGNMENT_CANDIDATES,
     WidthsOption,
     enumerate_items,
     fit_alignment,
     representative_layer,
 )
-from autoprune.table import LatencyTable, entry_key
+from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, ModelSpec, Structure
 
 if TYPE_CHECKING:

@@ -361,7 +361,7 @@ def run_pipeline(
         if table is not None:
             steps[Step.PROFILE.value] = "skipped (table given)"
         else:
-            from autoprune.profiler import profile
+            from autoprune.latency._profile import profile
 
             root = Path(tables_root) if tables_root is not None else Path("latency_tables")
             say(f"profiling layers on {device} (table under {root}/; resumable, reused by "
@@ -377,7 +377,7 @@ def run_pipeline(
         if predictor is not None:
             steps[Step.PREDICTOR.value] = "skipped (predictor given)"
         else:
-            from autoprune.predictor import LatencyPredictor
+            from autoprune.latency._predictor import LatencyPredictor
 
             if state.done(Step.PREDICTOR) and pred_path.exists():
                 predictor = LatencyPredictor.load(pred_path, table=table)

@@ -596,7 +596,7 @@ def search(
 
         spec = analyze(model, example_inputs)
     if table is None and (predictor is None or isinstance(predictor, str) or space is None):
-        from autoprune.profiler import profile
+        from autoprune.latency._profile import profile
 
         table = profile(model, example_inputs, backend, spec=spec, progress=progress)
     # space ------------------------------------------------------------------------------------
@@ -615,7 +615,7 @@ def search(
 
     # latency model ------------------------------------------------------------------------------
     if predictor is None:
-        from autoprune.predictor import LatencyPredictor
+        from autoprune.latency._predictor import LatencyPredictor
 
         predictor = LatencyPredictor(random_state=seed).fit(
             table=table, model=model, example_inputs=example_inputs, backend=backend,

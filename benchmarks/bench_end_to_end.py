@@ -168,8 +168,8 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     from autoprune.executor import apply_plan
     from autoprune.pipeline import _select_by_ratio
     from autoprune.plan import PruningPlan
-    from autoprune.predictor import LatencyPredictor
-    from autoprune.profiler import profile
+    from autoprune.latency._predictor import LatencyPredictor
+    from autoprune.latency._profile import profile
     from autoprune.search import search
 
     if "predictor" not in cache:

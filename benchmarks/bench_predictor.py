@@ -51,8 +51,8 @@ def _model(name: str) -> tuple[Any, tuple[Any, ...]]:
 def _table(model: Any, x: Any, spec: Any, backend: Any, shipped_root: Path, work_root: Path
            ) -> Any:
     """A working copy of the shipped table of this device (never written), topped up."""
-    from autoprune.profiler import profile
-    from autoprune.table import LatencyTable
+    from autoprune.latency._profile import profile
+    from autoprune.latency._table import LatencyTable
 
     device = backend.device_info()
     src = LatencyTable.default_dir(device, shipped_root)
@@ -68,7 +68,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from autoprune.analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.plan import PruningPlan, random_plan
-    from autoprune.predictor import LatencyPredictor
+    from autoprune.latency._predictor import LatencyPredictor
 
     model, x = _model(name)
     spec = analyze(model, x)

@@ -39,8 +39,8 @@ def bench_model(name: str, threads: int, n_check: int, seed: int) -> dict[str, A
 
     import autoprune as ap
     from autoprune.analyze import analyze
-    from autoprune.profiler import detect_alignment, profile
-    from autoprune.table import LatencyTable
+    from autoprune.latency._profile import detect_alignment, profile
+    from autoprune.latency._table import LatencyTable
 
     model = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
@@ -61,7 +61,7 @@ def bench_model(name: str, threads: int, n_check: int, seed: int) -> dict[str, A
     target = backend.protocol.target_rel_iqr
     # interpolation check at random off-grid widths: each point is measured interleaved with
     # the grid corners it is interpolated from, so machine drift does not pose as error
-    from autoprune.table import _bracket, _family
+    from autoprune.latency._table import _bracket, _family
 
     rng = np.random.default_rng(seed)
     layers = [lay for lay in spec.layers.values()

@@ -44,8 +44,8 @@ def _search(run_dir: Path, storage: str, trials: int, seed: int, verify: bool):
     import autoprune as ap
     from autoprune.data import mnist1d_loaders
     from autoprune.evaluators import accuracy_evaluator
-    from autoprune.predictor import LatencyPredictor
-    from autoprune.table import LatencyTable
+    from autoprune.latency._predictor import LatencyPredictor
+    from autoprune.latency._table import LatencyTable
 
     model, x = _setup(run_dir)
     table = LatencyTable.load(run_dir / "table")

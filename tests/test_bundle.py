@@ -16,8 +16,8 @@ import autoprune as ap
 from autoprune.bundle import export_bundle, import_bundle
 from autoprune.errors import CorruptFileError
 from autoprune.measure import ProtocolSettings
-from autoprune.profiler import profile
-from autoprune.table import COLUMNS, LatencyTable
+from autoprune.latency._profile import profile
+from autoprune.latency._table import COLUMNS, LatencyTable
 from autoprune.zoo import conv1d_net
 
 from _latency_helpers import small_spec

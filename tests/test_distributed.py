@@ -62,7 +62,7 @@ def search_setup():  # noqa: ANN201
 
     from autoprune.analyze import analyze
     from autoprune.backends import get_backend
-    from autoprune.profiler import profile
+    from autoprune.latency._profile import profile
     from autoprune.zoo import conv1d_net
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 
 from autoprune.errors import InvalidInputError, InvalidPlanError, NotFittedError, TableMismatchError
 from autoprune.plan import GroupPlan, PruningPlan, keep_units, random_plan
-from autoprune.predictor import LatencyPredictor, _Compiled, accuracy_metrics
+from autoprune.latency._predictor import LatencyPredictor, _Compiled, accuracy_metrics
 from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
 
 

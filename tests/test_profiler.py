@@ -18,14 +18,14 @@ import torch
 
 import autoprune as ap
 from autoprune.measure import ProtocolSettings
-from autoprune.profiler import (
+from autoprune.latency._profile import (
     detect_alignment,
     enumerate_items,
     fit_alignment,
     profile,
     width_grid,
 )
-from autoprune.table import LatencyTable
+from autoprune.latency._table import LatencyTable
 from autoprune.types import Structure
 
 from _latency_helpers import CountingSynthetic, small_spec
@@ -150,7 +150,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     from autoprune.zoo import conv1d_net
     from autoprune.backends import get_backend
     from autoprune.measure import ProtocolSettings
-    from autoprune.profiler import profile
+    from autoprune.latency._profile import profile
     torch.set_num_threads(1)
     model = conv1d_net().eval()
     b = get_backend("onnxruntime-cpu", threads=1, protocol=ProtocolSettings(

@@ -247,9 +247,9 @@ def test_finetune_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
 
 
 def test_table_and_search_files_load_with_safe_readers(tmp_path: Path) -> None:
-    table_mod = pytest.importorskip("autoprune.table")
+    table_mod = pytest.importorskip("autoprune.latency._table")
     from autoprune.backends import get_backend
-    from autoprune.profiler import profile
+    from autoprune.latency._profile import profile
     from autoprune.zoo import conv1d_net
 
     model = conv1d_net(width=16)

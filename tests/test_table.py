@@ -15,7 +15,7 @@ from autoprune.errors import (
     TableMismatchError,
     TableMissError,
 )
-from autoprune.table import COLUMNS, LatencyTable
+from autoprune.latency._table import COLUMNS, LatencyTable
 from autoprune.types import LatencySample, LayerSpec, OpKind, Structure
 
 from _latency_helpers import conv2d

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprune.errors import InvalidInputError
-from autoprune.table import normalize_structure  # noqa: F401 - re-exported for backends
+from autoprune.latency._table import normalize_structure  # noqa: F401 - re-exported for backends
 from autoprune.types import LayerSpec, OpKind, Structure
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {

@@ -56,7 +56,7 @@ def run_import(args: argparse.Namespace) -> int:
 
     table = import_bundle(args.results)
     if not args.no_save:
-        from autoprune.table import LatencyTable
+        from autoprune.latency._table import LatencyTable
 
         d = LatencyTable.default_dir(table.device, args.root)
         if (d / "table.json").exists():

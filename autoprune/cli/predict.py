@@ -53,12 +53,12 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from autoprune.plan import PruningPlan
-    from autoprune.predictor import LatencyPredictor
+    from autoprune.latency._predictor import LatencyPredictor
 
     if args.predictor is not None:
         table = None
         if args.table is not None:
-            from autoprune.table import LatencyTable
+            from autoprune.latency._table import LatencyTable
 
             table = LatencyTable.load(args.table)
         pred = LatencyPredictor.load(args.predictor, table=table)
@@ -79,9 +79,9 @@ def _fit(args: argparse.Namespace) -> Any:
 
     from autoprune.analyze import analyze
     from autoprune.cli.common import load_model, make_backend, parse_shape
-    from autoprune.predictor import LatencyPredictor
-    from autoprune.profiler import profile
-    from autoprune.table import LatencyTable
+    from autoprune.latency._predictor import LatencyPredictor
+    from autoprune.latency._profile import profile
+    from autoprune.latency._table import LatencyTable
 
     if not args.input_shape:
         raise InvalidInputError("--model needs --input-shape, e.g. --input-shape 1,3,32,32")

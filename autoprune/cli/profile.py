@@ -46,7 +46,7 @@ def parse_widths(text: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from autoprune.profiler import profile
+    from autoprune.latency._profile import profile
 
     model = load_model(args.model, num_classes=args.num_classes)
     x = torch.randn(parse_shape(args.input_shape))

@@ -70,8 +70,8 @@ def main(args: argparse.Namespace) -> int:
     progress = not args.quiet
 
     from autoprune.analyze import analyze
-    from autoprune.predictor import LatencyPredictor
-    from autoprune.profiler import profile
+    from autoprune.latency._predictor import LatencyPredictor
+    from autoprune.latency._profile import profile
     from autoprune.search import search
 
     spec = analyze(model, x)

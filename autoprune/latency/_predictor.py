@@ -4,7 +4,7 @@ The search scores thousands of plans; it cannot measure each one. ``LatencyPredi
 the end-to-end latency of a pruned variant from two parts:
 
 * the **table part**: the sum over the model's layers, at the plan's widths and structures, of
-  the per-layer latencies in a :class:`~autoprune.table.LatencyTable` (the table interpolates
+  the per-layer latencies in a :class:`~autoprune.latency._table.LatencyTable` (the table interpolates
   between its grid widths and follows its explicit miss policy);
 * the **correction part**: a scikit-learn regressor trained on end-to-end latencies *measured on
   the device* for random plans spread over the whole width/structure range. Its features come
@@ -820,7 +820,7 @@ class LatencyPredictor:
         if params.get("structures") is not None:
             params["structures"] = tuple(params["structures"])
         if table is None:
-            from autoprune.table import LatencyTable
+            from autoprune.latency._table import LatencyTable
 
             table = LatencyTable.load(path.parent)
         rows = cls._read_dataset(path)

@@ -29,7 +29,7 @@ import numpy as np
 from autoprune.errors import InvalidInputError, TableMismatchError
 from autoprune.measure import ProtocolSettings
 from autoprune.plan import keep_units
-from autoprune.table import LatencyTable, entry_key
+from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure
 
 if TYPE_CHECKING:
