@@ -1,19 +1,148 @@
-"""Atomic file writes and safe reads. Every file autoprune writes goes through here.
+"""Atomic file writes, safe reads, inter-process locks and the cache directory. Every file
+autoprune writes goes through here.
 
 A writer that is killed at any point leaves either the old file or the new one, whole:
 the data goes to a temporary file in the same directory, is flushed and fsynced, then
 renamed over the target (``os.replace`` is atomic on POSIX and Windows).
+
+Several files that must change together (a latency table's CSV and its sidecar) are written
+under ``file_lock``: an advisory ``flock`` on a lock file next to them, exclusive for writers,
+shared for readers. The kernel drops the lock when its holder exits or is killed (SIGKILL
+included), so a dead process never leaves it stuck.
+
+``cache_dir()`` is where library calls put reusable files nobody asked for by path (latency
+tables): ``$AUTOPRUNE_CACHE``, else ``$XDG_CACHE_HOME/autoprune``, else ``~/.cache/autoprune``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from autoprune.errors import CorruptFileError
+from autoprune.errors import CorruptFileError, StorageError
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # Windows
+    _fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+#: seconds between attempts while waiting for a lock with a timeout
+_LOCK_POLL_S = 0.005
+
+
+def cache_dir() -> Path:
+    """The directory for files autoprune keeps between runs without being given a path.
+
+    ``$AUTOPRUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/autoprune`` (an absolute
+    ``XDG_CACHE_HOME`` only, as the XDG spec says), else ``~/.cache/autoprune``. Read at each
+    call (never at import); the directory is not created here.
+    """
+    env = os.environ.get("AUTOPRUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "autoprune"
+    return Path.home() / ".cache" / "autoprune"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, shared: bool = False,
+              timeout_s: float | None = None) -> Iterator[int | None]:
+    """Hold an advisory inter-process lock on the file ``path`` for the ``with`` block.
+
+    ``shared=False`` (writers): exclusive; the file and its directory are created if missing.
+    ``shared=True`` (readers): many readers at once, none while a writer holds it. A reader
+    whose directory does not exist, or which may not create the lock file (a read-only copy
+    of shipped tables), reads without a lock: no process with its permissions can write there.
+    ``timeout_s``: give up after this many seconds with ``StorageError`` naming the file
+    (default: wait). Yields the lock file's descriptor (opened read-write where allowed, else
+    read-only), or None when reading without a lock.
+
+    The lock is ``fcntl.flock`` (per open file, so it also orders threads that each enter
+    ``file_lock``); the kernel releases it when the holder exits or is killed. Where
+    ``fcntl`` is missing (Windows) ``msvcrt.locking`` is used and every lock is exclusive.
+    """
+    path = Path(path)
+    fd = _open_lock_file(path, create_dir=not shared)
+    if fd is None:
+        yield None
+        return
+    try:
+        _acquire(fd, path, shared, timeout_s)
+        try:
+            yield fd
+        finally:
+            _release(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_lock_file(path: Path, create_dir: bool) -> int | None:
+    if create_dir:  # a writer: must get the lock (errors name the path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    if not path.parent.is_dir():
+        return None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags, 0o666)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                raise
+    return None
+
+
+def _acquire(fd: int, path: Path, shared: bool, timeout_s: float | None) -> None:
+    deadline = None if timeout_s is None else time.monotonic() + max(0.0, float(timeout_s))
+    while True:
+        if _try_lock(fd, shared, block=deadline is None):
+            return
+        if time.monotonic() >= deadline:  # type: ignore[operator]
+            raise StorageError(
+                f"{path}: another process has held this lock for more than {timeout_s} s; "
+                "wait for it to finish (a killed holder releases the lock by itself)"
+            )
+        time.sleep(_LOCK_POLL_S)
+
+
+def _try_lock(fd: int, shared: bool, block: bool) -> bool:
+    if _fcntl is not None:
+        op = _fcntl.LOCK_SH if shared else _fcntl.LOCK_EX
+        try:
+            _fcntl.flock(fd, op if block else op | _fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt  # pragma: no cover - Windows only
+
+    os.lseek(fd, 0, os.SEEK_SET)  # pragma: no cover
+    while True:  # pragma: no cover
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not block:
+                return False
+            time.sleep(_LOCK_POLL_S)
+
+
+def _release(fd: int) -> None:
+    if _fcntl is not None:
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
+        return
+    import msvcrt  # pragma: no cover - Windows only
+
+    os.lseek(fd, 0, os.SEEK_SET)  # pragma: no cover
+    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # pragma: no cover
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -60,6 +189,15 @@ def read_text(path: str | Path) -> str:
         raise CorruptFileError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise CorruptFileError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes; a missing file raises ``CorruptFileError`` naming it."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}: file not found") from None
 
 
 def read_json(path: str | Path) -> Any:

@@ -272,8 +272,8 @@ def run_pipeline(
     accuracy after BatchNorm re-calibration on ``val_loader`` (pass a held-out split of the
     training data to keep the test set out of the search). ``table``/``predictor``/``plan``
     skip the steps that would make them. ``tables_root``: where latency tables live (default
-    ``latency_tables`` in the working directory, shared by runs on the same device: a table
-    that already covers the model is reused, a partial one is extended).
+    the user cache, ``autoprune.io.cache_dir()/latency_tables``; shared by runs on the same
+    device: a table that already covers the model is reused, a partial one is extended).
     ``finetune_options`` go to ``autoprune.finetune`` (``lr``, ``optimizer``, ``gradual``, ...);
     with ``distill`` the dense model is the teacher.
 
@@ -362,9 +362,11 @@ def run_pipeline(
             steps[Step.PROFILE.value] = "skipped (table given)"
         else:
             from autoprune.latency._profile import profile
+            from autoprune.latency._table import LatencyTable
 
-            root = Path(tables_root) if tables_root is not None else Path("latency_tables")
-            say(f"profiling layers on {device} (table under {root}/; resumable, reused by "
+            root = Path(tables_root) if tables_root is not None else None  # None: the cache
+            where = LatencyTable.default_dir(backend.device_info(), root)
+            say(f"profiling layers on {device} (table in {where}/; resumable, reused by "
                 "later runs on this device)")
             table = profile(model, args, backend, spec=spec, root=root, progress=progress)
             steps[Step.PROFILE.value] = "ran"

@@ -8,7 +8,8 @@ predictor unless ``predictor=`` is given; build the search space; check the budg
 negative or NaN -> ``InvalidInputError``; below the fastest plan of the space ->
 ``InfeasibleBudgetError`` stating the fastest predicted latency); run the strategy with the
 study stored in ``run_dir`` (or ``storage=``) so a second call with the same arguments resumes;
-then re-measure finalists on the device.
+then re-measure finalists on the device. Without ``run_dir`` and ``storage`` the study lives
+in memory and nothing is written (the latency table, if profiled, goes to the user cache).
 
 Finalists and the budget guarantee: candidates are the feasible trials (predicted within
 budget) in this order: the best proxy, the front's knee, then the remaining ones by proxy.
@@ -46,6 +47,7 @@ from autoprune.errors import (
     InfeasibleBudgetError,
     InvalidInputError,
 )
+from autoprune.latency._model import TableLatencyModel, as_latency_model
 from autoprune.plan import PruningPlan
 from autoprune.strategies.base import SearchProblem, plan_key
 from autoprune.types import ModelSpec, Structure
@@ -62,6 +64,8 @@ RESULT_SCHEMA_VERSION = 1
 #: fixed columns of ``SearchResult.trials`` (then ``keep:<group>``, ``structure:<group>``)
 TRIAL_COLUMNS = ("trial", "proxy", "predicted_latency_ms", "measured_latency_ms", "macs",
                  "params", "speedup", "feasible", "state", "error")
+#: the latency model's uncertainty band of each trial, added after the study ran
+INTERVAL_COLUMNS = ("latency_low_ms", "latency_high_ms")
 
 
 # --- result ------------------------------------------------------------------------------
@@ -86,6 +90,9 @@ class SearchResult:
     device: str = ""
     notes: list[str] = field(default_factory=list)
     space: dict[str, Any] = field(default_factory=dict)
+    #: the budget the user asked for, when the search ran against another (internal) one:
+    #: ``run_pipeline`` searches at an anchored predicted budget for a budget fraction
+    user_budget_ms: float = float("nan")
 
     # --- views ---------------------------------------------------------------------------
     def pareto_front(self) -> pd.DataFrame:
@@ -111,8 +118,10 @@ class SearchResult:
 
     # --- output --------------------------------------------------------------------------
     def plot(self, path: str | Path | None = None) -> Path:
-        """Write a PNG of proxy vs predicted latency: all trials, the front, the budget line,
-        the dense model, and measured finalists. Returns the path."""
+        """Write a PNG of proxy vs latency on one axis: all trials (predicted), the front with
+        the latency model's band, the search budget and the user's budget (when they differ),
+        the dense model, and the finalists as measured on the device, each joined to its
+        prediction. Returns the path."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -134,8 +143,20 @@ class SearchResult:
         front = self.pareto_front()
         if not front.empty:
             ax.plot(front["predicted_latency_ms"], front["proxy"], "-o", c="#dd8452", ms=4,
-                    label="Pareto front")
-        ax.axvline(self.budget_ms, c="#c44e52", ls="--", label=f"budget {self.budget_ms:.3g} ms")
+                    label="Pareto front (predicted)")
+            if "latency_low_ms" in front and front["latency_low_ms"].notna().any():
+                err = np.vstack([front["predicted_latency_ms"] - front["latency_low_ms"],
+                                 front["latency_high_ms"] - front["predicted_latency_ms"]])
+                ax.errorbar(front["predicted_latency_ms"], front["proxy"],
+                            xerr=np.clip(np.nan_to_num(err), 0, None), fmt="none",
+                            ecolor="#dd8452", alpha=0.5, capsize=2,
+                            label="latency model's band")
+        ax.axvline(self.budget_ms, c="#c44e52", ls="--",
+                   label=f"search budget {self.budget_ms:.3g} ms")
+        if math.isfinite(self.user_budget_ms) and \
+                abs(self.user_budget_ms - self.budget_ms) > 1e-9 * self.budget_ms:
+            ax.axvline(self.user_budget_ms, c="#8c1c13", ls="-",
+                       label=f"your budget {self.user_budget_ms:.3g} ms (measured)")
         dense_x = self.dense_predicted_ms if math.isfinite(self.dense_predicted_ms) \
             else self.dense_latency_ms
         if math.isfinite(dense_x):
@@ -144,8 +165,12 @@ class SearchResult:
             ax.scatter([dense_x], [y], marker="*", s=160, c="k", zorder=5, label="dense model")
         if not self.finalists.empty and "measured_latency_ms" in self.finalists:
             f = self.finalists.dropna(subset=["measured_latency_ms"])
+            if "predicted_latency_ms" in f:
+                for _, row in f.iterrows():
+                    ax.plot([row["predicted_latency_ms"], row["measured_latency_ms"]],
+                            [row["proxy"], row["proxy"]], c="#55a868", lw=0.8, alpha=0.7)
             ax.scatter(f["measured_latency_ms"], f["proxy"], marker="x", s=50, c="#55a868",
-                       zorder=6, label="finalists (measured)")
+                       zorder=6, label="finalists (measured; line to predicted)")
         ax.set_xlabel("latency (ms)")
         ax.set_ylabel("accuracy proxy (higher is better)")
         ax.set_title(f"{self.strategy} search, budget {self.budget_ms:.3g} ms ({self.device})",
@@ -178,6 +203,7 @@ class SearchResult:
         atomic_write_json(d / "search_result.json", {
             "schema_version": RESULT_SCHEMA_VERSION,
             "budget_ms": self.budget_ms,
+            "user_budget_ms": _num(self.user_budget_ms),
             "dense_latency_ms": _num(self.dense_latency_ms),
             "dense_predicted_ms": _num(self.dense_predicted_ms),
             "dense_proxy": _num(self.dense_proxy),
@@ -217,6 +243,7 @@ class SearchResult:
             strategy=meta.get("strategy", ""), study_name=meta.get("study_name", ""),
             run_dir=d, device=meta.get("device", ""), notes=list(meta.get("notes", [])),
             space=meta.get("space", {}),
+            user_budget_ms=float(meta.get("user_budget_ms") or float("nan")),
         )
 
     def __repr__(self) -> str:
@@ -326,6 +353,24 @@ def trials_frame(study: optuna.Study, spec: ModelSpec, budget_ms: float,
     return df
 
 
+def _add_intervals(trials: pd.DataFrame, study: optuna.Study, model: Any) -> None:
+    """``latency_low_ms`` / ``latency_high_ms``: the latency model's band for each trial's
+    plan (NaN where a trial has no plan or the model cannot price it)."""
+    by_number = {t.number: t.user_attrs.get("plan") for t in study.get_trials(deepcopy=False)}
+    low = np.full(len(trials), np.nan)
+    high = np.full(len(trials), np.nan)
+    idx = [i for i, n in enumerate(trials["trial"]) if by_number.get(int(n)) is not None]
+    if idx:
+        plans = [PruningPlan.from_dict(by_number[int(trials["trial"].iloc[i])]) for i in idx]
+        try:
+            lo, hi = model.predict_interval(plans)
+            low[idx], high[idx] = lo, hi
+        except AutoPruneError:
+            pass  # plans the model cannot price keep NaN (their trials failed already)
+    trials["latency_low_ms"] = low
+    trials["latency_high_ms"] = high
+
+
 # --- latency / proxy adapters ------------------------------------------------------------
 class LatencyUnavailable(AutoPruneError):
     """The latency model could not price a plan (e.g. a table miss it cannot interpolate)."""
@@ -337,20 +382,9 @@ def _latency_fn(predictor: Any) -> Callable[[Sequence[PruningPlan]], np.ndarray]
     the trial fails with it."""
     from autoprune.errors import AutoPruneError
 
-    if hasattr(predictor, "predict_many"):
-        many: Callable[[list[PruningPlan]], Any] = lambda ps: predictor.predict_many(ps)
-        one: Callable[[PruningPlan], float] = lambda p: float(predictor.predict_many([p])[0])
-    elif hasattr(predictor, "predict"):
-        one = lambda p: float(predictor.predict(p))
-        many = lambda ps: [one(p) for p in ps]
-    elif callable(predictor):
-        one = lambda p: float(predictor(p))
-        many = lambda ps: [one(p) for p in ps]
-    else:
-        raise InvalidInputError(
-            f"predictor must be a LatencyPredictor (predict/predict_many) or a callable plan -> "
-            f"ms, got {type(predictor).__name__}"
-        )
+    lm = as_latency_model(predictor)
+    many: Callable[[list[PruningPlan]], Any] = lm.predict_many
+    one: Callable[[PruningPlan], float] = lm.predict
 
     def latency(plans: Sequence[PruningPlan]) -> np.ndarray:
         plans = list(plans)
@@ -368,82 +402,6 @@ def _latency_fn(predictor: Any) -> Callable[[Sequence[PruningPlan]], np.ndarray]
         return out
 
     return latency
-
-
-class TableLatencyModel:
-    """A latency model from the table alone: the sum of per-layer table latencies at the plan's
-    widths and structures, mapped affinely onto whole-model latency measured on the device for
-    two plans (the dense plan and the space's fastest plan): ``a + b x table_sum``.
-
-    Cheaper than ``LatencyPredictor`` (two measurements instead of a sampled dataset) and less
-    accurate away from those two points; ``search(predictor="table")`` uses it. Widths the table
-    can neither find nor interpolate are measured on the fit backend and added to the table
-    (``measure_misses``; the table's ``measure`` policy). Fitted
-    attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (table sum, measured ms) pairs.
-    """
-
-    def __init__(self, table: Any, spec: ModelSpec, miss_policy: str = "interpolate",
-                 measure_misses: bool = True) -> None:
-        self.table = table
-        self.spec = spec
-        self.miss_policy = miss_policy
-        self.measure_misses = measure_misses
-        self._cache: dict[tuple[str, str, float], float] = {}
-        self._backend: Any = None
-
-    def table_sum_ms(self, plan: PruningPlan) -> float:
-        """Sum of table latencies; a miss the table cannot ``miss_policy`` is measured on the
-        fit backend (added to the table) when ``measure_misses``, else it raises."""
-        from autoprune.errors import TableMissError
-
-        total = 0.0
-        for p in self.spec.pruned_layers(plan):
-            key = (p.spec.key(), p.structure.value, float(p.density))
-            v = self._cache.get(key)
-            if v is None:
-                try:
-                    v = float(self.table.lookup(p.spec, p.structure, p.density,
-                                                policy=self.miss_policy))
-                except TableMissError:
-                    if not self.measure_misses or self._backend is None:
-                        raise
-                    v = float(self.table.lookup(p.spec, p.structure, p.density,
-                                                policy="measure", backend=self._backend))
-                self._cache[key] = v
-            total += v
-        return total
-
-    def fit(self, model: nn.Module, example_inputs: Any, backend: Any,
-            plans: Sequence[PruningPlan]) -> TableLatencyModel:
-        """Measure ``plans`` (at least two, of different table sums) interleaved on
-        ``backend`` and fit the affine map by least squares."""
-        from autoprune.executor import apply_plan
-
-        if len(plans) < 2:
-            raise InvalidInputError("TableLatencyModel.fit needs at least two plans")
-        self._backend = backend
-        sums = np.array([self.table_sum_ms(p) for p in plans])
-        models = [apply_plan(model, p, example_inputs, spec=self.spec).eval() for p in plans]
-        ms = np.array([s.median_ms for s in backend.measure_interleaved(models, example_inputs)])
-        if np.ptp(sums) <= 0:
-            raise InvalidInputError("the calibration plans have equal table sums; pass plans "
-                                    "of different widths")
-        b, a = np.polyfit(sums, ms, 1)
-        if b <= 0:  # noise swamped the difference: fall back to a proportional map
-            a, b = 0.0, float(ms.mean() / sums.mean())
-        self.intercept_ms_, self.slope_ = float(a), float(b)
-        self.anchors_ = list(zip(sums.tolist(), ms.tolist()))
-        return self
-
-    def predict(self, plan: PruningPlan) -> float:
-        if not hasattr(self, "slope_"):
-            from autoprune.errors import NotFittedError
-
-            raise NotFittedError("TableLatencyModel is not fitted; call fit(...) first")
-        return self.intercept_ms_ + self.slope_ * self.table_sum_ms(plan)
-
-    def predict_many(self, plans: Sequence[PruningPlan]) -> np.ndarray:
-        return np.array([self.predict(p) for p in plans])
 
 
 class _CachedProxy:
@@ -528,12 +486,25 @@ def _check_budget(budget: Any) -> float:
     return b
 
 
-def _storage(storage: Any, run_dir: Path) -> Any:
+def _storage(storage: Any, run_dir: Path | None) -> Any:
+    """The Optuna storage: ``make_storage``'s, or in memory without ``storage`` and
+    ``run_dir`` (nothing to resume, nothing written)."""
     if isinstance(storage, str) and storage.startswith("journal:"):
         storage = storage[len("journal:"):]
+    if storage is None and run_dir is None:
+        import optuna
+
+        return optuna.storages.InMemoryStorage()
     from autoprune.storage import make_storage
 
-    return make_storage(storage, run_dir)
+    # a given storage does not use run_dir (only the default journal lives there)
+    return make_storage(storage, run_dir if run_dir is not None else Path("."))
+
+
+def _run_stem(spec: ModelSpec, device_name: str, budget_ms: float, strategy_name: str) -> str:
+    """The default study name (and the CLI's default run directory under ``runs/``)."""
+    return _slug(f"search_{spec.model_name}_{spec.fingerprint[:8]}_{device_name}_"
+                 f"{budget_ms:.4g}ms_{strategy_name}")
 
 
 def search(
@@ -571,8 +542,13 @@ def search(
     ``predictor``: a fitted ``LatencyPredictor``, any callable plan -> ms, ``"table"`` (the
     table sums mapped onto two measured plans: ``TableLatencyModel``), or None (fit a
     ``LatencyPredictor``). ``n_trials`` is the study's total: a resumed study runs only the missing trials.
-    ``run_dir`` (default ``runs/search_<model>_<fingerprint>_<budget>ms_<strategy>``) holds the
-    study journal and the saved result. See the module docstring for finalists.
+    ``run_dir`` holds the study journal (unless ``storage=`` is given) and the saved result
+    (``SearchResult.save``); resuming needs it (or a persistent ``storage`` and the same
+    ``study_name``, by default ``search-<model>-<fingerprint>-<device>-<budget>ms-<strategy>``).
+    Without ``run_dir`` nothing is written: the study is kept in memory (unless ``storage=``),
+    the result is returned unsaved (``result.run_dir`` is None; ``result.save(path)`` writes
+    it), and a latency table profiled here goes to the user cache
+    (``autoprune.io.cache_dir()``). See the module docstring for finalists.
     """
     budget = _check_budget(latency_budget_ms)
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
@@ -653,10 +629,10 @@ def search(
         notes.append(msg)
 
     # run dir, storage, evaluator ----------------------------------------------------------------
-    stem = _slug(f"search_{spec.model_name}_{spec.fingerprint[:8]}_{device_name}_"
-                 f"{budget:.4g}ms_{strat.name}")
-    rd = Path(run_dir) if run_dir is not None else Path("runs") / stem
-    rd.mkdir(parents=True, exist_ok=True)
+    stem = _run_stem(spec, device_name, budget, strat.name)
+    rd = Path(run_dir) if run_dir is not None else None
+    if rd is not None:
+        rd.mkdir(parents=True, exist_ok=True)
     study_name = study_name or stem
     st = _storage(storage, rd)
     from autoprune.evaluators import ImportanceProxy
@@ -686,6 +662,7 @@ def search(
     log.info("search: %d trials in %.1f s", len(study.trials), wall_s)
 
     trials = trials_frame(study, spec, budget, dense_pred)
+    _add_intervals(trials, study, as_latency_model(predictor))
     dense_proxy = proxy.dense()
     result = SearchResult(trials=trials, best_plan=None, dense_latency_ms=float("nan"),
                           budget_ms=budget, dense_predicted_ms=dense_pred,
@@ -693,7 +670,8 @@ def search(
                           run_dir=rd, device=device_name, notes=notes, space=space.to_dict())
     _finalists(result, study, model, example_inputs, spec, backend, n_finalists,
                max_remeasure, verify_finalists)
-    result.save(rd)
+    if rd is not None:
+        result.save(rd)
     return result
 
 

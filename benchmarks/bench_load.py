@@ -94,7 +94,7 @@ def run(trials: int, out: Path, postgres: bool, strategy: str, sample_s: float,
     backend = ap.get_backend("synthetic")
     t_setup = time.perf_counter()
     spec = ap.analyze(model, x)
-    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
+    table = ap.profile(model, x, backend, spec=spec, root=False, progress=False)
     dense_ms = float(backend.measure_model(model, x).median_ms)
     setup_s = time.perf_counter() - t_setup
 

@@ -43,7 +43,8 @@ import torch
 import autoprune as ap
 from autoprune.data import digits_loaders
 from autoprune.evaluators import accuracy_evaluator
-from autoprune.search import TableLatencyModel, pareto_front
+from autoprune.latency._model import TableLatencyModel
+from autoprune.search import pareto_front
 from autoprune.zoo import torchvision_model
 
 STRATEGIES = ("tpe", "nsga2", "rl", "random", "greedy")

@@ -94,7 +94,7 @@ def coordinator(args: argparse.Namespace) -> None:
     model, x = _setup(run_dir)
     backend = ap.get_backend("onnxruntime-cpu", threads=1)
     spec = ap.analyze(model, x)
-    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
+    table = ap.profile(model, x, backend, spec=spec, root=False, progress=False)
     table.save(run_dir / "table")
     predictor = ap.LatencyPredictor(n_samples=30).fit(
         table=table, model=model, example_inputs=x, backend=backend, spec=spec, progress=False)

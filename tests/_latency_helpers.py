@@ -54,7 +54,7 @@ def synthetic_conv1d(width: int = 16) -> dict:
     x = (torch.randn(1, 1, 40),)
     backend = ap.get_backend("synthetic")
     spec = ap.analyze(model, x)
-    table = ap.profile(model, x, backend, spec=spec, root=None, progress=False)
+    table = ap.profile(model, x, backend, spec=spec, root=False, progress=False)
 
     def predict_ms(plan: ap.PruningPlan) -> float:
         return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")

@@ -10,6 +10,19 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Per-user caches (latency tables, kernel rules) go to a session temporary directory,
+    never the developer's ~/.cache; one session detects each device's rules once."""
+    old = os.environ.get("AUTOPRUNE_CACHE")
+    os.environ["AUTOPRUNE_CACHE"] = str(tmp_path_factory.mktemp("autoprune_cache"))
+    yield
+    if old is None:
+        os.environ.pop("AUTOPRUNE_CACHE", None)
+    else:
+        os.environ["AUTOPRUNE_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -80,7 +80,7 @@ def test_inputs_that_do_not_fit_reach_no_stage_as_a_torch_error(setup, tmp_path:
     with pytest.raises(InvalidInputError, match="example_inputs"):
         ap.apply_plan(s["model"], plan, bad)
     with pytest.raises(InvalidInputError, match="example_inputs"):
-        ap.profile(s["model"], bad, s["backend"], root=None, progress=False)
+        ap.profile(s["model"], bad, s["backend"], root=False, progress=False)
     with pytest.raises(InvalidInputError, match="example_inputs"):
         ap.search(s["model"], bad, device=s["backend"], latency_budget_ms=1.0, n_trials=2,
                   run_dir=tmp_path / "run", progress=False)

@@ -74,7 +74,7 @@ def test_bundle_round_trip_with_sweep(tmp_path, tmp_tables):
     d = table.save(LatencyTable.default_dir(table.device, tmp_tables))
     back = LatencyTable.load(d, expect_device=local.device_info())
     assert list(back.df.columns) == list(COLUMNS) and len(back) == len(table)
-    prof = profile(model, x, local, spec=spec, root=None, widths="full", alignment=16,
+    prof = profile(model, x, local, spec=spec, root=False, widths="full", alignment=16,
                    progress=False)
     assert list(prof.df.columns) == list(back.df.columns)
     assert len(back.merge(prof)) >= len(table)

@@ -70,7 +70,7 @@ def search_setup():  # noqa: ANN201
     x = (torch.randn(1, 1, 40),)
     backend = get_backend("synthetic")
     spec = analyze(model, x)
-    table = profile(model, x, backend, spec=spec, root=None, progress=False)
+    table = profile(model, x, backend, spec=spec, root=False, progress=False)
 
     def predict_ms(plan) -> float:  # noqa: ANN001 - table-only latency
         return float(sum(table.lookup(p.spec, p.structure, p.density, policy="interpolate")

@@ -11,7 +11,8 @@ import pytest
 
 from autoprune.errors import InvalidInputError, InvalidPlanError, NotFittedError, TableMismatchError
 from autoprune.plan import GroupPlan, PruningPlan, keep_units, random_plan
-from autoprune.latency._predictor import LatencyPredictor, _Compiled, accuracy_metrics
+from autoprune.latency import LatencyPredictor, accuracy_metrics
+from autoprune.latency._featurize import CompiledSpec as _Compiled
 from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
 
 
@@ -324,7 +325,7 @@ def test_active_sampling_adds_training_plans_only(tmp_path):
     # a noisy device: the first fit misses the ±10% target, so active sampling must add plans
     device = get_backend("synthetic", alignment=16, noise=0.3, seed=1,
                          protocol=ProtocolSettings.quick())
-    table = profile(model, x, device, spec=spec, root=None, progress=False)
+    table = profile(model, x, device, spec=spec, root=False, progress=False)
     pred = LatencyPredictor(n_samples=16, active=True, target_within_10=1.0, max_samples=28,
                             chunk_size=4, random_state=2).fit(
         table=table, model=model, example_inputs=x, backend=device, spec=spec,
@@ -350,7 +351,7 @@ def test_fit_on_onnxruntime_cpu_small_model():
     ort = get_backend("onnxruntime-cpu", threads=1,
                       protocol=ProtocolSettings(warmup_runs=5, min_runs=15, max_runs=100,
                                                 time_cap_s=0.2))
-    table = profile(model, x, ort, spec=spec, root=None, progress=False)
+    table = profile(model, x, ort, spec=spec, root=False, progress=False)
     pred = LatencyPredictor(n_samples=24, chunk_size=12).fit(
         table=table, model=model, example_inputs=x, backend=ort, spec=spec, progress=False)
     rep = pred.report_
@@ -370,7 +371,7 @@ def test_killed_fit_resumes_from_the_checkpointed_dataset(tmp_path):
     model, x = _conv1d(64)
     spec = analyze(model, x)
     device = get_backend("synthetic", alignment=16, noise=0.01, protocol=ProtocolSettings.quick())
-    table = profile(model, x, device, spec=spec, root=None, progress=False)
+    table = profile(model, x, device, spec=spec, root=False, progress=False)
 
     class Dies(_Counting):
         def measure_interleaved(self, models, example_inputs):

@@ -196,7 +196,10 @@ def _read_safely(path: Path) -> None:
     data = path.read_bytes()
     assert data[:2] not in PICKLE_MAGIC, f"{path} is a raw pickle"
     suffix = path.suffix
-    if suffix == ".json":
+    if path.name == ".lock":  # a table directory's lock: empty, or the sha256 of a CSV
+        assert data == b"" or (len(data) == 64 and set(data.decode("ascii")) <= set(
+            "0123456789abcdef")), f"{path}: unexpected lock file content"
+    elif suffix == ".json":
         json.loads(data.decode("utf-8"))
     elif suffix == ".csv":
         rows = list(csv.reader(io.StringIO(data.decode("utf-8"))))

@@ -17,7 +17,8 @@ from autoprune.data import digits_loaders
 from autoprune.errors import InfeasibleBudgetError, InvalidInputError
 from autoprune.evaluators import ImportanceProxy, accuracy_evaluator
 from autoprune.measure import ProtocolSettings
-from autoprune.search import TRIAL_COLUMNS, SearchResult, TableLatencyModel
+from autoprune.latency._model import TableLatencyModel
+from autoprune.search import TRIAL_COLUMNS, SearchResult
 
 
 @pytest.fixture(scope="module")

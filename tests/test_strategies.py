@@ -208,8 +208,8 @@ def test_plans_the_latency_model_cannot_price_fail_their_trial(tmp_path):
     spec = toy_spec()
     base = toy_latency(spec)
 
-    class Picky:
-        def predict(self, plan):
+    class Picky:  # a user's plan -> ms callable that raises for some plans
+        def __call__(self, plan):
             if spec.kept_units(plan)["c3"] < 40:
                 raise TableMissError("cannot interpolate c3 below 40 channels")
             return float(base([plan])[0])

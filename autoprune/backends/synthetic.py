@@ -7,7 +7,10 @@ like ONNX Runtime on an AVX-512 CPU::
     cost = layer_overhead_ms + ns_per_mac * 1e-6 * MACs(out rounded up) +
            ns_per_elem * 1e-6 * activation elements (out rounded up)
 
-(nm layers cost ``nm_speedup`` times the dense MAC term when ``accelerate_nm``).
+(nm layers cost ``nm_speedup`` times the dense MAC term when ``accelerate_nm``). Kernel
+regimes like ONNX Runtime's on an AVX2 CPU: a 2-D conv whose input channels are off a
+multiple of ``in_step`` costs ``in_penalty`` times more, a depthwise conv whose channels are
+off a multiple of ``dw_step`` ``dw_penalty`` times more (defaults 1: no regimes).
 
 A whole model costs the sum of its layers (found by ``autoprune.analyze``; masked layers use
 their mask's structure and density) plus a nonlinear whole-model term: ``model_overhead_ms`` +
@@ -34,7 +37,7 @@ from torch import nn
 from autoprune.backends.base import Backend, LayerItem
 from autoprune.errors import BackendUnavailable, InvalidInputError
 from autoprune.measure import ProtocolSettings, TimedCall, to_sample
-from autoprune.types import DeviceInfo, LatencySample, LayerSpec, Structure
+from autoprune.types import DeviceInfo, LatencySample, LayerSpec, OpKind, Structure
 
 CostFn = Callable[[LayerSpec, Structure, float], float]
 
@@ -59,6 +62,10 @@ class SyntheticBackend(Backend):
         model_overhead_ms: float = 0.05,
         cache_mb: float = 1.0,
         cache_penalty_ms_per_mb: float = 0.02,
+        in_step: int = 1,
+        in_penalty: float = 1.0,
+        dw_step: int = 1,
+        dw_penalty: float = 1.0,
         protocol: ProtocolSettings | None = None,
     ) -> None:
         super().__init__(protocol)
@@ -74,6 +81,8 @@ class SyntheticBackend(Backend):
         self.model_overhead_ms = model_overhead_ms
         self.cache_mb = cache_mb
         self.cache_penalty_ms_per_mb = cache_penalty_ms_per_mb
+        self.in_step, self.in_penalty = in_step, in_penalty
+        self.dw_step, self.dw_penalty = dw_step, dw_penalty
         if not isinstance(alignment, int) or alignment < 1:
             raise InvalidInputError(f"alignment={alignment!r}; use an integer >= 1")
         if noise < 0:
@@ -95,6 +104,9 @@ class SyntheticBackend(Backend):
             "nm_speedup": self.nm_speedup, "model_overhead_ms": self.model_overhead_ms,
             "cache_mb": self.cache_mb, "cache_penalty_ms_per_mb": self.cache_penalty_ms_per_mb,
         }
+        if (self.in_step, self.in_penalty, self.dw_step, self.dw_penalty) != (1, 1.0, 1, 1.0):
+            opts.update(in_step=self.in_step, in_penalty=self.in_penalty, dw_step=self.dw_step,
+                        dw_penalty=self.dw_penalty)
         return DeviceInfo(
             backend=self.name,
             device_name=f"synthetic staircase {self.alignment}",
@@ -129,7 +141,13 @@ class SyntheticBackend(Backend):
         mac_ms = self.ns_per_mac * 1e-6 * eff.macs
         if structure == Structure.NM and self.accelerate_nm:
             mac_ms *= self.nm_speedup
-        return self.layer_overhead_ms + mac_ms + self.ns_per_elem * 1e-6 * eff.activation_elems
+        cost = self.layer_overhead_ms + mac_ms + self.ns_per_elem * 1e-6 * eff.activation_elems
+        if spec.op == OpKind.DWCONV2D and spec.out_channels % self.dw_step:
+            cost *= self.dw_penalty
+        elif (spec.op == OpKind.CONV2D and spec.groups == 1 and spec.in_channels > self.in_step
+              and spec.in_channels % self.in_step):
+            cost *= self.in_penalty
+        return cost
 
     def model_cost_ms(self, model: nn.Module, example_inputs: Any) -> float:
         """Noise-free cost of a whole model: sum of its layers + the whole-model term."""

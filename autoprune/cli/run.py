@@ -64,7 +64,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--predictor-samples", type=int, default=60)
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--tables-root", default=None, help="latency table directory to reuse/extend")
+    p.add_argument("--tables-root", default="latency_tables",
+                   help="latency table directory to reuse/extend (default: latency_tables)")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -11,6 +11,7 @@ on several machines makes them workers of one study; the same ``--run-dir`` resu
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from autoprune.cli.common import add_backend_args
@@ -40,7 +41,9 @@ def register(subparsers: Any) -> None:
                    help="study storage: a .journal path or postgresql://... (default: "
                         "<run-dir>/study.journal)")
     p.add_argument("--study", default=None, help="study name (workers of one study share it)")
-    p.add_argument("--run-dir", default=None, help="run directory (resumed if it exists)")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory (resumed if it exists; default: runs/search-<model>-"
+                        "<fingerprint>-<device>-<budget>ms-<strategy>)")
     p.add_argument("--tables-root", default="latency_tables",
                    help="latency table directory to reuse/extend")
     p.add_argument("--predictor", choices=("fit", "table"), default="fit",
@@ -72,9 +75,15 @@ def main(args: argparse.Namespace) -> int:
     from autoprune.analyze import analyze
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
-    from autoprune.search import search
+    from autoprune.search import _run_stem, search
+    from autoprune.strategies import get_strategy
 
     spec = analyze(model, x)
+    run_dir = args.run_dir
+    if run_dir is None:  # the command line keeps its results; the library call would not
+        device_name = getattr(backend, "name", "") or type(backend).__name__
+        run_dir = Path("runs") / _run_stem(spec, device_name, args.budget_ms,
+                                           get_strategy(args.strategy).name)
     table = profile(model, x, backend, spec=spec, root=args.tables_root, progress=progress)
     predictor: Any = "table"
     if args.predictor == "fit":
@@ -85,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     result = search(
         model, x, device=backend, latency_budget_ms=args.budget_ms, evaluator=None,
         n_trials=args.trials, strategy=args.strategy, table=table, predictor=predictor,
-        space=args.space, storage=args.storage, study_name=args.study, run_dir=args.run_dir,
+        space=args.space, storage=args.storage, study_name=args.study, run_dir=run_dir,
         n_finalists=args.finalists, seed=args.seed, progress=progress, timeout_s=args.timeout_s,
         spec=spec,
     )

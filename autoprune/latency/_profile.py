@@ -29,6 +29,7 @@ import numpy as np
 from autoprune.errors import InvalidInputError, TableMismatchError
 from autoprune.measure import ProtocolSettings
 from autoprune.plan import keep_units
+from autoprune.latency._rules import KernelRules, cached_kernel_rules
 from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure
 
@@ -217,9 +218,13 @@ def enumerate_items(
     alignment: int,
     widths: WidthsOption = "auto",
     structures: Sequence[Structure | str] | None = None,
+    rules: KernelRules | None = None,
 ) -> list[WorkItem]:
     """Unique (layer spec at a grid width, structure, density) items to profile, in a stable
-    order (model order, then widths). ``backend=None``: dense entries only."""
+    order (model order, then widths). ``backend=None``: dense entries only. With the device's
+    ``rules``, every layer whose prunable width can leave a fast kernel path (a 2-D conv's
+    input channels, a depthwise conv's channels) also gets one entry just off that path, so
+    the table prices that layer's own slow path instead of the sweep layer's penalty."""
     wanted = [Structure(s) for s in (structures or [Structure.NONE, Structure.NM])]
     producers_nm: set[str] = set()
     for g in spec.groups.values():
@@ -233,6 +238,7 @@ def enumerate_items(
             pairs = [(w, w) for w in sorted(set(ins) | set(outs))]
         else:
             pairs = [(ci, co) for ci in ins for co in outs]
+        pairs += _off_path_pairs(lay.spec, ins, outs, rules)
         for ci, co in pairs:
             s = lay.spec.with_channels(ci, co)
             for st in wanted:
@@ -244,6 +250,24 @@ def enumerate_items(
     return list(seen)  # type: ignore[arg-type]
 
 
+def _off_path_pairs(spec: LayerSpec, ins: list[int], outs: list[int],
+                    rules: KernelRules | None) -> list[tuple[int, int]]:
+    """(in, out) widths one channel below the middle grid width of a prunable axis that a
+    kernel rule applies to (that width is off the fast path)."""
+    if rules is None:
+        return []
+    if spec.op == OpKind.DWCONV2D and rules.dw_step > 1:
+        grid = sorted(set(ins) | set(outs))
+        c = grid[len(grid) // 2] if len(grid) > 1 else 0
+        return [(c - 1, c - 1)] if c > rules.dw_step and c % rules.dw_step == 0 else []
+    if spec.op == OpKind.CONV2D and spec.groups == 1 and rules.in_step > 1 and len(ins) > 1:
+        ci = ins[len(ins) // 2]
+        co = outs[len(outs) // 2]
+        if ci > rules.in_step and ci % rules.in_step == 0:
+            return [(ci - 1, co)]
+    return []
+
+
 # --------------------------------------------------------------------------------------------
 # profile
 # --------------------------------------------------------------------------------------------
@@ -253,32 +277,42 @@ def profile(
     backend: Backend,
     table: LatencyTable | None = None,
     spec: ModelSpec | None = None,
-    root: str | Path | None = "latency_tables",
+    root: str | Path | Literal[False] | None = None,
     widths: WidthsOption = "auto",
     structures: Sequence[Structure | str] | None = None,
     progress: bool = True,
     max_entries: int | None = None,
     save_every: int = 8,
     alignment: int | None = None,
+    kernel_rules: KernelRules | None = None,
 ) -> LatencyTable:
     """Profile ``model`` on ``backend`` into a latency table (resumable, incremental).
 
     ``model`` is only used to analyse it: with ``spec`` given it may be None.
     ``table``: extend this table (must be of the backend's device); default: the table in
-    ``root/<device_id>`` if there is one, else a new one saved there (``root=None``: keep it in
-    memory only). ``spec``: the model's ``ModelSpec`` (default ``autoprune.analyze``).
+    ``root/<device_id>`` if there is one, else a new one saved there. ``root=None`` (default):
+    the user cache, ``autoprune.io.cache_dir()/latency_tables`` (``$AUTOPRUNE_CACHE``, else
+    ``$XDG_CACHE_HOME/autoprune``, else ``~/.cache/autoprune``), never the working directory;
+    ``root=False``: keep the new table in memory only (nothing is read or written).
+    ``spec``: the model's ``ModelSpec`` (default ``autoprune.analyze``).
     ``widths``: the width grid (see the module docstring). ``structures``: candidates besides
     dense (default: ``nm`` where the backend accelerates it). ``max_entries``: measure at most
-    this many new entries (the rest on a later run). ``alignment``: skip detection and use
-    this step. Returns the table (saved if it has a directory).
+    this many new entries (the rest on a later run). ``alignment``: skip the kernel-rule
+    detection and snap the width grid to this step. ``kernel_rules``: the device's rules
+    (default: ``cached_kernel_rules(backend)``, detected once per device and cached).
+    Returns the table (saved if it has a directory).
     """
     from tqdm.auto import tqdm
 
     if save_every < 1:
         raise InvalidInputError(f"save_every={save_every}; use >= 1")
     device = backend.device_info()
+    if not (root is None or root is False or isinstance(root, (str, Path))):
+        raise InvalidInputError(
+            f"root={root!r}; use a directory, None (the user cache) or False (memory only)"
+        )
     if table is None:
-        directory = LatencyTable.default_dir(device, root) if root is not None else None
+        directory = LatencyTable.default_dir(device, root) if root is not False else None
         if directory is not None and (directory / "table.json").exists():
             table = LatencyTable.load(directory, expect_device=device)
         else:
@@ -297,13 +331,18 @@ def profile(
         spec = analyze(model, as_input_tuple(example_inputs))
     if alignment is not None:
         table.alignment = int(alignment)
-    if table.alignment is None:
-        step, sweep = detect_alignment(backend, spec=spec, return_sweep=True)  # type: ignore[misc]
-        table.alignment = int(step)
-        table.alignment_sweep = sweep
+    elif table.alignment is None and table.kernel_rules is None:
+        # a new table: the device's rules, detected once per device with fixed layers (not
+        # this model's); a table made with an explicit alignment (or before rules) keeps it
+        rules = kernel_rules if kernel_rules is not None else cached_kernel_rules(backend)
+        table.kernel_rules = rules
+        table.alignment = rules.alignment
         if table.path is not None:
             table.save()
-    items = enumerate_items(spec, backend, table.alignment, widths, structures)
+    if table.alignment is None:
+        table.alignment = table.kernel_rules.alignment if table.kernel_rules else 1
+    items = enumerate_items(spec, backend, table.alignment, widths, structures,
+                            rules=table.kernel_rules)
     todo = [it for it in items if not table.has(*it)]
     if max_entries is not None:
         todo = todo[: max(0, int(max_entries))]
@@ -331,5 +370,6 @@ def missing_entries(table: LatencyTable, spec: ModelSpec, backend: Backend,
     """Work items ``profile`` would still measure for ``spec`` into ``table``."""
     if table.alignment is None:
         raise InvalidInputError("the table has no alignment yet; run profile() first")
-    items = enumerate_items(spec, backend, table.alignment, widths, structures)
+    items = enumerate_items(spec, backend, table.alignment, widths, structures,
+                            rules=table.kernel_rules)
     return [it for it in items if not table.has(*it)]

@@ -1,6 +1,6 @@
 """``LatencyTable``: measured per-layer latency on one device, per width and structure.
 
-Files (``latency_tables/<device_id>/``):
+Files (``<root>/<device_id>/``; the default root is ``autoprune.io.cache_dir()/latency_tables``):
 
 * ``table.csv`` — one row per entry: the ``LayerSpec`` fields (tuples written as ``3x3``),
   ``structure``, ``density``, ``latency_ms`` (median), ``iqr_ms``, ``n_runs``, ``min_ms``,
@@ -8,23 +8,36 @@ Files (``latency_tables/<device_id>/``):
 * ``table.json`` — sidecar: ``schema_version``, ``device`` (``DeviceInfo``), ``device_id``,
   ``alignment`` (the detected channel step), ``alignment_sweep`` (the sweep it came from),
   ``protocol`` (``ProtocolSettings``), ``structures`` (those the device accelerates and the
-  table was profiled for), ``n_entries``, ``notes``, timestamps.
+  table was profiled for), ``n_entries``, ``csv_sha256`` (the CSV it belongs to), ``notes``,
+  timestamps;
+* ``.lock`` — the directory's inter-process lock (``autoprune.io.file_lock``; empty, or the
+  sha256 of a CSV being saved).
 
-Both are written atomically (``autoprune.io``), CSV first, so an interrupted save leaves a
-consistent pair. ``load`` refuses a table from another device or schema version
+Several processes may share a directory. ``save`` holds the exclusive lock while it merges
+the table already there into its own (union of entries, the later measurement winning) and
+writes the CSV then the sidecar, each atomically (``autoprune.io``); ``load`` reads both under
+the shared lock, so it sees one save's pair, never a mix. Before replacing the CSV a saver
+records the new CSV's sha256 in the lock file: a saver killed between the two files leaves a
+CSV that matches that record, which readers accept (its rows are the merged, newer ones) and
+the next save completes. ``load`` refuses a table from another device or schema version
 (``TableMismatchError`` naming the differing fields) and a corrupt file (``CorruptFileError``
-naming file and line; a CSV with fewer rows than its sidecar records is reported truncated).
+naming file and line; a CSV with fewer rows than its sidecar records is reported truncated; a
+CSV whose sha256 is neither the sidecar's ``csv_sha256`` nor the one being saved is reported
+as not matching its sidecar).
 
 Lookups (``lookup``/``lookup_many``) take an explicit miss policy:
 
 * ``"raise"`` — ``TableMissError`` naming the spec;
 * ``"measure"`` — measure the entry with the given backend (same device), add it, return it;
-* ``"interpolate"`` — respect the staircase: each width is first rounded *up* to the table's
-  alignment (never past the next measured width, e.g. the full width), then the latency is
-  interpolated linearly between the measured widths around it — bilinearly in
-  (in_channels, out_channels) for ordinary layers, along the channel count for depthwise
-  convs and attention. A width below the smallest or above the largest measured width, or a
-  missing grid corner, raises ``TableMissError``: nothing is extrapolated.
+* ``"interpolate"`` — follow the device's kernel rules (``table.kernel_rules``, see
+  ``autoprune.latency._rules``): each width is rounded *up* to the next fast width (the output
+  staircase; input and depthwise steps), the latency is interpolated linearly between the
+  measured fast-path widths around it — bilinearly in (in_channels, out_channels) for ordinary
+  layers, along the channel count for depthwise convs and attention — and a width off a fast
+  path is multiplied by that path's measured penalty. Outside the measured widths (or where no
+  measured rectangle surrounds the width) the nearest measured point is scaled by MACs. So a
+  lookup never raises for a layer the table has at any width, and is always positive. A table
+  without kernel rules (written before them) rounds widths up to its ``alignment`` only.
 
 A structure the table's device does not accelerate (e.g. ``nm`` or ``unstructured`` on a CPU,
 which runs masked weights densely) is looked up as ``none``: that is what it costs there.
@@ -36,8 +49,10 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
+import hashlib
 import io
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +68,7 @@ from autoprune.errors import (
     TableMissError,
 )
 from autoprune.io import read_text
+from autoprune.latency._rules import KernelRules
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, OpKind, Structure
 
 if TYPE_CHECKING:
@@ -178,10 +194,14 @@ class LatencyTable:
         )
         self.notes = notes
         self.alignment_sweep: dict[str, Any] | None = None
+        #: the device's channel-count rules (``KernelRules``); None on tables written before
+        #: rules were detected (widths are then only rounded up to ``alignment``)
+        self.kernel_rules: KernelRules | None = None
         self.created_at = now_utc()
         self.path: Path | None = None
         self._entries: dict[EntryKey, Entry] = {}
         self._families: dict[tuple[LayerSpec, Structure, float], dict[tuple[int, int], float]] | None = None
+        self._penalties: dict[tuple[LayerSpec, Structure, float], float] | None = None
 
     # --- container -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -213,6 +233,7 @@ class LatencyTable:
         e = Entry(k[0], k[1], k[2], sample, measured_at or now_utc())
         self._entries[k] = e
         self._families = None
+        self._penalties = None
         return e
 
     def accelerated(self, structure: Structure) -> bool:
@@ -308,6 +329,7 @@ class LatencyTable:
         return self._families.get((_family(key[0]), key[1], key[2]), {})
 
     def _interpolate(self, key: EntryKey) -> float:
+        """Price a width the table has not measured (see the module docstring)."""
         spec = key[0]
         pts = self._family_points(key)
         if not pts:
@@ -315,54 +337,63 @@ class LatencyTable:
                 f"cannot interpolate {_describe(key)}: the table has no entry of this layer "
                 "configuration at any width; profile the model first"
             )
-        a = self.alignment or 1
-        if spec.op.is_depthwise or spec.op == OpKind.ATTENTION:  # one width axis
-            line = {co: v for (ci, co), v in pts.items()
-                    if spec.op.is_depthwise or ci == spec.in_channels}
-            grid = sorted(line)
-            if not grid:
-                raise TableMissError(f"cannot interpolate {_describe(key)}: no entry with "
-                                     f"in_channels={spec.in_channels}")
-            lo, hi, w = _bracket(spec.out_channels, grid, a, key, "out_channels")
-            return (1 - w) * line[lo] + w * line[hi]
-        ci_eff = _effective(spec.in_channels, sorted({ci for ci, _ in pts}), a, key,
-                            "in_channels")
-        co_eff = _effective(spec.out_channels, sorted({co for _, co in pts}), a, key,
-                            "out_channels")
-        rows: dict[int, set[int]] = {}
-        for ci, co in pts:
-            rows.setdefault(ci, set()).add(co)
-        # the tightest measured rectangle around (ci_eff, co_eff): layers of one family can
-        # have different width grids, so the corners must exist together
-        best: tuple[float, int, int, int, int] | None = None
-        for ci_lo in (c for c in rows if c <= ci_eff):
-            for ci_hi in (c for c in rows if c >= ci_eff):
-                common = rows[ci_lo] & rows[ci_hi]
-                lows = [c for c in common if c <= co_eff]
-                highs = [c for c in common if c >= co_eff]
-                if not lows or not highs:
+        factor = 1.0
+        rules = self.kernel_rules
+        if rules is not None:
+            ci_eff, co_eff, factor = rules.effective(spec)
+            # only measured points on the fast path bracket a fast-path width
+            fast = {(ci, co): v for (ci, co), v in pts.items()
+                    if not rules.off_fast_path(spec.with_channels(ci, co))}
+            if factor > 1.0 and fast:
+                factor = self._family_penalty(key, pts, fast, factor)
+            pts = fast or pts
+        else:
+            a = self.alignment or 1
+            ci_eff = _round_up(spec.in_channels, a, sorted({ci for ci, _ in pts}))
+            co_eff = _round_up(spec.out_channels, a, sorted({co for _, co in pts}))
+        if spec.op.is_depthwise:
+            ci_eff = co_eff
+        hit = pts.get((ci_eff, co_eff))
+        if hit is not None:
+            return hit * factor
+        return factor * _priced_between(spec, ci_eff, co_eff, pts)
+
+    def _family_penalty(self, key: EntryKey, pts: dict[tuple[int, int], float],
+                        fast: dict[tuple[int, int], float], default: float) -> float:
+        """This layer family's own slow-path factor: the median over its measured off-path
+        points of measured / fast-path price at their rounded-up widths (the profiler
+        measures one such point per layer); the device's rule factor if it has none."""
+        fam = (_family(key[0]), key[1], key[2])
+        if self._penalties is None:
+            self._penalties = {}
+        hit = self._penalties.get(fam)
+        if hit is None:
+            rules = self.kernel_rules
+            assert rules is not None
+            ratios = []
+            for (ci, co), v in pts.items():
+                sp = key[0].with_channels(ci, co)
+                if (ci, co) in fast or not rules.off_fast_path(sp):
                     continue
-                co_lo, co_hi = max(lows), min(highs)
-                span = (ci_hi - ci_lo) / max(ci_eff, 1) + (co_hi - co_lo) / max(co_eff, 1)
-                if best is None or span < best[0]:
-                    best = (span, ci_lo, ci_hi, co_lo, co_hi)
-        if best is None:
-            raise TableMissError(
-                f"cannot interpolate {_describe(key)}: no measured (in, out) rectangle around "
-                f"({ci_eff}, {co_eff}); re-profile the model with its width grid"
-            )
-        _, ci_lo, ci_hi, co_lo, co_hi = best
-        wci = (ci_eff - ci_lo) / (ci_hi - ci_lo) if ci_hi > ci_lo else 0.0
-        wco = (co_eff - co_lo) / (co_hi - co_lo) if co_hi > co_lo else 0.0
-        v00, v01 = pts[(ci_lo, co_lo)], pts[(ci_lo, co_hi)]
-        v10, v11 = pts[(ci_hi, co_lo)], pts[(ci_hi, co_hi)]
-        return ((1 - wci) * ((1 - wco) * v00 + wco * v01)
-                + wci * ((1 - wco) * v10 + wco * v11))
+                ci_e, co_e, _ = rules.effective(sp)
+                if key[0].op.is_depthwise:
+                    ci_e = co_e
+                base = fast.get((ci_e, co_e)) or _priced_between(sp, ci_e, co_e, fast)
+                ratios.append(v / base)
+            hit = float(np.median(ratios)) if ratios else default
+            self._penalties[fam] = hit
+        return hit
 
     # --- persistence ---------------------------------------------------------------------
     @staticmethod
-    def default_dir(device_info: DeviceInfo, root: str | Path = "latency_tables") -> Path:
-        """``root/<device_id>``: where the table of this device lives."""
+    def default_dir(device_info: DeviceInfo, root: str | Path | None = None) -> Path:
+        """``root/<device_id>``: where the table of this device lives. ``root=None``: the user
+        cache, ``autoprune.io.cache_dir()/latency_tables`` (``$AUTOPRUNE_CACHE`` etc., read
+        now)."""
+        if root is None:
+            from autoprune.io import cache_dir
+
+            root = cache_dir() / "latency_tables"
         return Path(root) / device_info.device_id
 
     def sidecar(self) -> dict[str, Any]:
@@ -372,6 +403,7 @@ class LatencyTable:
             "device_id": self.device_id,
             "alignment": self.alignment,
             "alignment_sweep": self.alignment_sweep,
+            "kernel_rules": self.kernel_rules.to_dict() if self.kernel_rules else None,
             "protocol": self.protocol,
             "structures": [s.value for s in self.structures],
             "n_entries": len(self._entries),
@@ -390,28 +422,95 @@ class LatencyTable:
         return buf.getvalue()
 
     def save(self, directory: str | Path | None = None) -> Path:
-        """Write ``table.csv`` then ``table.json`` atomically into ``directory`` (default: the
-        directory it was loaded from or last saved to). Returns the directory."""
-        from autoprune.io import atomic_write_json, atomic_write_text
+        """Merge with the table on disk and write ``table.csv`` then ``table.json`` atomically
+        into ``directory`` (default: the directory it was loaded from or last saved to).
+        Returns the directory.
+
+        Safe while other processes save to or load from the same directory: all of it runs
+        under the directory's exclusive lock (see the module docstring). A table already there
+        (same device and schema, else ``TableMismatchError``) is merged in first: the union of
+        the entries; on a key both have, the later ``measured_at`` wins (ties: this table's);
+        its ``created_at`` is kept; what this table lacks (alignment with its sweep, kernel
+        rules, protocol, notes, sidecar keys it does not write) is taken from it; structures are
+        united. Afterwards this table holds the merged entries too.
+        """
+        from autoprune.io import LOCK_NAME, atomic_write_bytes, atomic_write_json, file_lock
 
         d = Path(directory) if directory is not None else self.path
         if d is None:
             raise InvalidInputError(
                 "save() needs a directory (e.g. LatencyTable.default_dir(table.device))"
             )
-        atomic_write_text(d / CSV_NAME, self.to_csv_text())
-        atomic_write_json(d / JSON_NAME, self.sidecar())
+        with file_lock(d / LOCK_NAME) as fd:
+            on_disk: dict[str, Any] = {}
+            if (d / JSON_NAME).exists():
+                meta, csv_bytes = _read_pair(d)
+                disk = type(self)._from_files(d, meta, csv_bytes, _read_intent(fd))
+                if disk.device_id != self.device_id:
+                    fields = self.device.diff(disk.device) or ["device_id"]
+                    details = ", ".join(
+                        f"{f}: on disk {disk.device.to_dict().get(f)!r} vs this table "
+                        f"{self.device.to_dict().get(f)!r}" for f in fields
+                    )
+                    raise TableMismatchError(
+                        f"{d}: holds a table measured on another device or setup ({details}); "
+                        "save this table into its own directory (LatencyTable.default_dir("
+                        "table.device, root))"
+                    )
+                self._absorb(disk)
+                on_disk = meta
+            data = self.to_csv_text().encode("utf-8")
+            sha = hashlib.sha256(data).hexdigest()
+            ours = self.sidecar()
+            sidecar = {**{k: v for k, v in on_disk.items() if k not in ours}, **ours,
+                       "csv_sha256": sha}
+            assert fd is not None  # an exclusive lock always has its file
+            _write_intent(fd, sha)
+            atomic_write_bytes(d / CSV_NAME, data)
+            atomic_write_json(d / JSON_NAME, sidecar)
+            _write_intent(fd, "")
         self.path = d
         return d
 
+    def _absorb(self, disk: LatencyTable) -> None:
+        """Merge the on-disk table ``disk`` into this one, as ``save`` describes."""
+        for k, e in disk._entries.items():
+            mine = self._entries.get(k)
+            if mine is None or e.measured_at > mine.measured_at:
+                self.add(e.spec, e.structure, e.density, e.sample, e.measured_at)
+        if self.alignment is None and disk.alignment is not None:
+            self.alignment, self.alignment_sweep = disk.alignment, disk.alignment_sweep
+        if self.kernel_rules is None:
+            self.kernel_rules = disk.kernel_rules
+        if not self.protocol:
+            self.protocol = dict(disk.protocol)
+        if not self.notes:
+            self.notes = disk.notes
+        self.structures = tuple(dict.fromkeys([*self.structures, *disk.structures]))
+        self.created_at = disk.created_at
+
     @classmethod
     def load(cls, directory: str | Path, expect_device: DeviceInfo | None = None) -> LatencyTable:
-        """Read a table directory. ``expect_device``: refuse a table measured elsewhere."""
-        from autoprune.io import read_json
+        """Read a table directory. ``expect_device``: refuse a table measured elsewhere.
+
+        Both files are read under the directory's shared lock, so a concurrent ``save`` is seen
+        whole or not at all. A CSV that does not match the sidecar's ``csv_sha256`` raises
+        ``CorruptFileError`` naming it (tables written before the field existed are not
+        checked)."""
+        from autoprune.io import LOCK_NAME, file_lock
 
         d = Path(directory)
+        with file_lock(d / LOCK_NAME, shared=True) as fd:
+            meta, csv_bytes = _read_pair(d)
+            intent = _read_intent(fd)
+        return cls._from_files(d, meta, csv_bytes, intent, expect_device)
+
+    @classmethod
+    def _from_files(cls, d: Path, meta: Any, csv_bytes: bytes, intent: str | None,
+                    expect_device: DeviceInfo | None = None) -> LatencyTable:
+        """The table of directory ``d`` from its sidecar (parsed) and CSV (bytes) read under
+        its lock; ``intent``: the sha256 recorded in the lock file by a saver (or None)."""
         jpath, cpath = d / JSON_NAME, d / CSV_NAME
-        meta = read_json(jpath)
         if not isinstance(meta, dict):
             raise CorruptFileError(f"{jpath}: line 1: expected a JSON object")
         version = meta.get("schema_version")
@@ -426,6 +525,9 @@ class LatencyTable:
             alignment = meta.get("alignment")
             alignment = int(alignment) if alignment is not None else None
             n_entries = int(meta.get("n_entries", 0))
+            recorded = meta.get("csv_sha256")
+            if recorded is not None and not isinstance(recorded, str):
+                raise TypeError(f"csv_sha256 must be a string, got {recorded!r}")
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{jpath}: malformed sidecar field ({type(e).__name__}: {e})"
                                    ) from None
@@ -442,14 +544,30 @@ class LatencyTable:
         table = cls(device, alignment=alignment, protocol=meta.get("protocol") or {},
                     structures=structures, notes=str(meta.get("notes", "")))
         table.alignment_sweep = meta.get("alignment_sweep")
+        if meta.get("kernel_rules"):
+            table.kernel_rules = KernelRules.from_dict(meta["kernel_rules"], source=str(jpath))
         table.created_at = str(meta.get("created_at", table.created_at))
-        for e in _read_csv(cpath):
+        try:
+            text = csv_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CorruptFileError(f"{cpath}: not UTF-8 text ({e})") from None
+        for e in _read_csv(cpath, text):
             table._entries[(e.spec, e.structure, e.density)] = e
         if len(table._entries) < n_entries:
             raise CorruptFileError(
                 f"{cpath}: line {len(table._entries) + 2}: truncated: {len(table._entries)} "
                 f"rows but {jpath.name} records {n_entries}"
             )
+        if recorded is not None:
+            actual = hashlib.sha256(csv_bytes).hexdigest()
+            # a saver killed between the CSV and the sidecar leaves the CSV it recorded
+            if actual != recorded and actual != intent:
+                raise CorruptFileError(
+                    f"{cpath}: does not match its sidecar {jpath.name}: its sha256 is "
+                    f"{actual[:16]}..., the sidecar records {recorded[:16]}... (the CSV was "
+                    "replaced or edited outside autoprune); restore the pair, or delete "
+                    f"csv_sha256 from {jpath.name} to accept this CSV"
+                )
         table.path = d
         return table
 
@@ -481,12 +599,15 @@ class LatencyTable:
         if self.alignment is None:
             self.alignment = other.alignment
             self.alignment_sweep = other.alignment_sweep
+        if self.kernel_rules is None:
+            self.kernel_rules = other.kernel_rules
         for k, e in other._entries.items():
             mine = self._entries.get(k)
             if mine is None or e.measured_at >= mine.measured_at:
                 self._entries[k] = e
         self.structures = tuple(dict.fromkeys([*self.structures, *other.structures]))
         self._families = None
+        self._penalties = None
         return self
 
     def __repr__(self) -> str:
@@ -494,34 +615,74 @@ class LatencyTable:
                 f"alignment={self.alignment})")
 
 
-def _effective(w: int, grid: list[int], a: int, key: EntryKey, what: str) -> int:
-    """``w`` rounded up to the alignment, capped at the next measured width; raises when it
-    lies outside the measured widths (no extrapolation)."""
-    if w in grid:
+def _round_up(w: int, a: int, grid: list[int]) -> int:
+    """``w`` rounded up to the alignment ``a``, never past the next measured width."""
+    if w in grid or a <= 1:
         return w
+    up = int(math.ceil(w / a) * a)
     pos = bisect.bisect_left(grid, w)
-    if pos == len(grid):
-        raise TableMissError(
-            f"cannot interpolate {_describe(key)}: {what}={w} is above the largest measured "
-            f"width {grid[-1]}; no extrapolation"
-        )
-    w_eff = min(int(math.ceil(w / a) * a), grid[pos])
-    if w_eff < grid[0]:
-        raise TableMissError(
-            f"cannot interpolate {_describe(key)}: {what}={w} (rounded to {w_eff}) is below the "
-            f"smallest measured width {grid[0]}; no extrapolation"
-        )
-    return w_eff
+    return min(up, grid[pos]) if pos < len(grid) else up
 
 
-def _bracket(w: int, grid: list[int], a: int, key: EntryKey, what: str) -> tuple[int, int, float]:
-    """(lower grid width, upper grid width, weight of the upper) for width ``w``."""
-    w_eff = _effective(w, grid, a, key, what)
-    if w_eff in grid:
-        return w_eff, w_eff, 0.0
-    j = bisect.bisect_left(grid, w_eff)
-    lo, hi = grid[j - 1], grid[j]
-    return lo, hi, (w_eff - lo) / (hi - lo)
+def _macs_at(spec: LayerSpec, ci: int, co: int) -> float:
+    return float(max(1, spec.with_channels(ci, co).macs))
+
+
+def _priced_between(spec: LayerSpec, ci: int, co: int,
+                    pts: dict[tuple[int, int], float]) -> float:
+    """Latency at widths (ci, co) from measured points of the same family: linear between the
+    measured widths around it (bilinear in (in, out); along the channel count for depthwise
+    and attention); outside the measured range, or where no measured rectangle surrounds it,
+    from the nearest measured point scaled by MACs (work grows with MACs there). Never
+    raises for a family with at least one point; always positive."""
+    tied = spec.op.is_depthwise or spec.op == OpKind.ATTENTION
+    if tied:
+        line = {c_o: v for (c_i, c_o), v in pts.items()
+                if spec.op.is_depthwise or c_i == spec.in_channels}
+        if line:
+            grid = sorted(line)
+            c = min(max(co, grid[0]), grid[-1])
+            j = bisect.bisect_left(grid, c)
+            if grid[j] == c:
+                base = line[c]
+            else:
+                lo, hi = grid[j - 1], grid[j]
+                w = (c - lo) / (hi - lo)
+                base = (1 - w) * line[lo] + w * line[hi]
+            cin_c = c if spec.op.is_depthwise else spec.in_channels
+            return base * _macs_at(spec, ci, co) / _macs_at(spec, cin_c, c)
+    rows: dict[int, set[int]] = {}
+    for c_i, c_o in pts:
+        rows.setdefault(c_i, set()).add(c_o)
+    ci_grid = sorted(rows)
+    ci_c = min(max(ci, ci_grid[0]), ci_grid[-1])
+    all_co = sorted({c_o for _, c_o in pts})
+    co_c = min(max(co, all_co[0]), all_co[-1])
+    # the tightest measured rectangle around (ci_c, co_c): layers of one family can have
+    # different width grids, so the corners must exist together
+    best: tuple[float, int, int, int, int] | None = None
+    for ci_lo in (c for c in ci_grid if c <= ci_c):
+        for ci_hi in (c for c in ci_grid if c >= ci_c):
+            common = rows[ci_lo] & rows[ci_hi]
+            lows = [c for c in common if c <= co_c]
+            highs = [c for c in common if c >= co_c]
+            if not lows or not highs:
+                continue
+            co_lo, co_hi = max(lows), min(highs)
+            span = (ci_hi - ci_lo) / max(ci_c, 1) + (co_hi - co_lo) / max(co_c, 1)
+            if best is None or span < best[0]:
+                best = (span, ci_lo, ci_hi, co_lo, co_hi)
+    if best is None:  # no rectangle: the nearest point (relative distance), scaled by MACs
+        near = min(pts, key=lambda p: abs(p[0] - ci) / max(ci, 1) + abs(p[1] - co) / max(co, 1))
+        return pts[near] * _macs_at(spec, ci, co) / _macs_at(spec, *near)
+    _, ci_lo, ci_hi, co_lo, co_hi = best
+    wci = (ci_c - ci_lo) / (ci_hi - ci_lo) if ci_hi > ci_lo else 0.0
+    wco = (co_c - co_lo) / (co_hi - co_lo) if co_hi > co_lo else 0.0
+    v00, v01 = pts[(ci_lo, co_lo)], pts[(ci_lo, co_hi)]
+    v10, v11 = pts[(ci_hi, co_lo)], pts[(ci_hi, co_hi)]
+    base = ((1 - wci) * ((1 - wco) * v00 + wco * v01)
+            + wci * ((1 - wco) * v10 + wco * v11))
+    return base * _macs_at(spec, ci, co) / _macs_at(spec, ci_c, co_c)
 
 
 def _describe(key: EntryKey) -> str:
@@ -533,8 +694,34 @@ def _describe(key: EntryKey) -> str:
     return f"[{shape}] structure={s.value}" + (f" density={d}" if s != Structure.NONE else "")
 
 
-def _read_csv(path: Path) -> Iterable[Entry]:
-    reader = csv.reader(io.StringIO(read_text(path)))
+def _read_pair(d: Path) -> tuple[Any, bytes]:
+    """(parsed sidecar, CSV bytes) of table directory ``d``; call under its lock."""
+    from autoprune.io import read_bytes, read_json
+
+    return read_json(d / JSON_NAME), read_bytes(d / CSV_NAME)
+
+
+def _read_intent(fd: int | None) -> str | None:
+    """The CSV sha256 a saver recorded in the lock file ``fd`` before replacing the CSV."""
+    if fd is None:
+        return None
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 256).decode("ascii", "replace").strip()
+    return text or None
+
+
+def _write_intent(fd: int, sha: str) -> None:
+    """Record (``sha``) or clear (``""``) the CSV being saved in the lock file ``fd``."""
+    os.ftruncate(fd, 0)
+    if sha:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, sha.encode("ascii"))
+        os.fsync(fd)
+
+
+def _read_csv(path: Path, text: str | None = None) -> Iterable[Entry]:
+    """Entries of the CSV at ``path`` (``text``: its content, already read)."""
+    reader = csv.reader(io.StringIO(read_text(path) if text is None else text))
     try:
         header = next(reader)
     except StopIteration:

@@ -1,0 +1,143 @@
+"""The ``LatencyModel`` protocol every latency model satisfies, and the two small ones.
+
+A latency model prices plans: ``predict_many(plans) -> ms`` (one array), ``predict(plan) ->
+ms`` and ``predict_interval(plans) -> (low, high)``. ``LatencyPredictor`` (table + learned
+correction), ``TableLatencyModel`` (table sums mapped onto measured anchor plans) and
+``CallableLatencyModel`` (a user's ``plan -> ms`` function) satisfy it, and the search takes
+any of them through ``as_latency_model`` — no attribute probing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from autoprune.errors import InvalidInputError, NotFittedError
+from autoprune.latency._featurize import PlanFeaturizer
+from autoprune.plan import PruningPlan
+from autoprune.types import ModelSpec
+
+
+@runtime_checkable
+class LatencyModel(Protocol):
+    """What the search needs from a latency model."""
+
+    def predict_many(self, plans: Sequence[PruningPlan]) -> np.ndarray:
+        """Predicted latency (ms) of each plan."""
+        ...
+
+    def predict(self, plan: PruningPlan) -> float:
+        """Predicted latency (ms) of one plan."""
+        ...
+
+    def predict_interval(self, plans: Sequence[PruningPlan]) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) ms per plan: the model's uncertainty band."""
+        ...
+
+
+class TableLatencyModel:
+    """Table sums mapped affinely onto whole-model latency measured on the device for a few
+    anchor plans (e.g. the dense plan and the space's fastest plan): ``a + b x table_sum``.
+
+    Cheaper than ``LatencyPredictor`` (a few measurements instead of a sampled dataset) and less
+    accurate away from the anchors; ``search(predictor="table")`` uses it. Widths are priced by
+    the table's ``miss_policy`` ("interpolate" follows the device's kernel rules and never
+    raises for a profiled model; "measure" times each new width on the fit backend). The
+    interval is the anchors' own measurement spread (relative IQR), widened by the worst
+    leave-one-out error when there are three or more anchors: a floor on the uncertainty, not a
+    calibrated band. Fitted attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (table
+    sum, measured ms) pairs, ``rel_spread_``.
+    """
+
+    def __init__(self, table: Any, spec: ModelSpec, miss_policy: str = "interpolate") -> None:
+        self.table = table
+        self.spec = spec
+        self.miss_policy = miss_policy
+
+    def _featurizer(self, backend: Any = None) -> PlanFeaturizer:
+        if not hasattr(self, "featurizer_") or backend is not None:
+            self.featurizer_ = PlanFeaturizer(self.spec, self.table, self.miss_policy,
+                                              backend=backend)
+        return self.featurizer_
+
+    def table_sum_ms(self, plans: Sequence[PruningPlan]) -> np.ndarray:
+        return self._featurizer().table_sum_ms(list(plans))
+
+    def fit(self, model: Any, example_inputs: Any, backend: Any,
+            plans: Sequence[PruningPlan]) -> TableLatencyModel:
+        """Measure ``plans`` (at least two, of different table sums) interleaved on
+        ``backend`` and fit the affine map by least squares."""
+        from autoprune.executor import apply_plan
+
+        if len(plans) < 2:
+            raise InvalidInputError("TableLatencyModel.fit needs at least two plans")
+        self._featurizer(backend if self.miss_policy == "measure" else None)
+        sums = self.table_sum_ms(plans)
+        if np.ptp(sums) <= 0:
+            raise InvalidInputError("the calibration plans have equal table sums; pass plans "
+                                    "of different widths")
+        models = [apply_plan(model, p, example_inputs, spec=self.spec).eval() for p in plans]
+        samples = backend.measure_interleaved(models, example_inputs)
+        ms = np.array([s.median_ms for s in samples])
+        b, a = np.polyfit(sums, ms, 1)
+        if b <= 0:  # noise swamped the difference: fall back to a proportional map
+            a, b = 0.0, float(ms.mean() / sums.mean())
+        self.intercept_ms_, self.slope_ = float(a), float(b)
+        self.anchors_ = list(zip(sums.tolist(), ms.tolist()))
+        spread = max(float(s.iqr_ms / s.median_ms) for s in samples)
+        if len(plans) >= 3:
+            for i in range(len(plans)):
+                keep = np.arange(len(plans)) != i
+                bi, ai = np.polyfit(sums[keep], ms[keep], 1)
+                spread = max(spread, abs((ai + bi * sums[i]) / ms[i] - 1.0))
+        self.rel_spread_ = spread
+        return self
+
+    def predict_many(self, plans: Sequence[PruningPlan]) -> np.ndarray:
+        if not hasattr(self, "slope_"):
+            raise NotFittedError("TableLatencyModel is not fitted; call fit(...) first")
+        sums = self.table_sum_ms(plans)
+        # floored like LatencyPredictor: never <= 0 even where the affine map would be
+        return np.maximum(self.intercept_ms_ + self.slope_ * sums, 0.2 * self.slope_ * sums)
+
+    def predict(self, plan: PruningPlan) -> float:
+        return float(self.predict_many([plan])[0])
+
+    def predict_interval(self, plans: Sequence[PruningPlan]) -> tuple[np.ndarray, np.ndarray]:
+        p = self.predict_many(plans)
+        return p * (1 - self.rel_spread_), p * (1 + self.rel_spread_)
+
+
+class CallableLatencyModel:
+    """A user's ``plan -> ms`` function as a ``LatencyModel``. Its interval is the point
+    itself: nothing is known about its error."""
+
+    def __init__(self, fn: Callable[[PruningPlan], float]) -> None:
+        self.fn = fn
+
+    def predict(self, plan: PruningPlan) -> float:
+        return float(self.fn(plan))
+
+    def predict_many(self, plans: Sequence[PruningPlan]) -> np.ndarray:
+        return np.array([self.predict(p) for p in plans], dtype=float)
+
+    def predict_interval(self, plans: Sequence[PruningPlan]) -> tuple[np.ndarray, np.ndarray]:
+        p = self.predict_many(plans)
+        return p, p
+
+
+def as_latency_model(obj: Any) -> LatencyModel:
+    """``obj`` if it is a ``LatencyModel``; a plain callable ``plan -> ms`` wrapped."""
+    if isinstance(obj, LatencyModel):
+        return obj
+    if callable(obj):
+        return CallableLatencyModel(obj)
+    raise InvalidInputError(
+        f"predictor must be a LatencyModel (LatencyPredictor, TableLatencyModel: predict, "
+        f"predict_many, predict_interval) or a callable plan -> ms, got {type(obj).__name__}"
+    )
+
+
+__all__ = ["CallableLatencyModel", "LatencyModel", "TableLatencyModel", "as_latency_model"]

@@ -1,0 +1,295 @@
+"""Kernel rules of a device: how channel counts change what a layer costs there.
+
+Runtimes pick kernels by channel count. Measured on ONNX Runtime 1.32, one thread, an AVX2
+EPYC VM (``benchmarks/bench_rules.py``; 3x3 conv at 28², BENCHMARKS.md "Kernel rules"):
+
+* **output channels** step in blocks (57–64 outputs cost the same): a staircase, priced by
+  rounding the output width *up* to ``out_step``;
+* **input channels** off a multiple of ``in_step`` (4 there) run another kernel path and cost
+  *more* than the next multiple (61 in: 0.95 ms, 64 in: 0.74 ms): priced at the next multiple
+  times ``in_penalty``;
+* **depthwise channels** off a multiple of ``dw_step`` (4 there) cost about 3x the next
+  multiple: ``dw_penalty``.
+
+These are properties of the device and runtime, not of a model, so they are detected once per
+device with fixed sweep layers (``detect_kernel_rules``), recorded with every table of that
+device and cached per device (``cached_kernel_rules``): every model profiled on one device
+gets the same rules. The search space snaps widths to ``alignment`` (the least common multiple
+of the steps, so that a snapped width is on every fast path).
+
+Detection fits, per axis and per candidate step ``a``, two models of latency against width:
+a staircase ``α + β·ceil(w/a)·a`` and a penalty ``(α + β·w)·(1 + γ·[w mod a ≠ 0])``; the
+step whose model leaves the smallest residual wins, and a step is only accepted when it
+explains most of what a plain linear fit leaves (else the axis has no rule: step 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from autoprune.errors import CorruptFileError
+from autoprune.types import LayerSpec, OpKind, Structure
+
+if TYPE_CHECKING:
+    from autoprune.backends.base import Backend
+
+RULES_SCHEMA_VERSION = 1
+STEP_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+#: share of the linear fit's residual a step must explain to count as a rule
+MIN_EXPLAINED = 0.35
+#: widths each axis is swept at (two full periods of the largest usual block, off-centre)
+SWEEP_WIDTHS: tuple[int, ...] = tuple(range(40, 81))
+
+
+@dataclass(frozen=True)
+class KernelRules:
+    """Channel-count rules of one device (see the module docstring). Plain, JSON-friendly."""
+
+    out_step: int = 1
+    in_step: int = 1
+    in_penalty: float = 1.0
+    dw_step: int = 1
+    dw_penalty: float = 1.0
+    sweep: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def alignment(self) -> int:
+        """The width step that is on every fast path: lcm of the three steps (at most 64)."""
+        a = math.lcm(self.out_step, self.in_step, self.dw_step)
+        return int(min(a, 64))
+
+    # -- pricing rules -----------------------------------------------------------------------
+    def effective(self, spec: LayerSpec) -> tuple[int, int, float]:
+        """(in width, out width, cost factor) a layer is priced at: widths rounded up to the
+        next fast width, times the penalty of the slow path it takes (1.0 on the fast path).
+
+        Only 2-D convolutions have input and depthwise rules (what the sweep measures); every
+        layer gets the output staircase.
+        """
+        ci, co = int(spec.in_channels), int(spec.out_channels)
+        if spec.op == OpKind.DWCONV2D:
+            c = _ceil(co, max(self.dw_step, self.out_step))
+            off = self.dw_step > 1 and co % self.dw_step != 0
+            return c, c, self.dw_penalty if off else 1.0
+        if spec.op.is_depthwise:
+            c = _ceil(co, self.out_step)
+            return c, c, 1.0
+        co_eff = _ceil(co, self.out_step)
+        if spec.op == OpKind.CONV2D and spec.groups == 1 and self.in_step > 1 \
+                and ci > self.in_step and ci % self.in_step != 0:
+            return _ceil(ci, self.in_step), co_eff, self.in_penalty
+        return ci, co_eff, 1.0
+
+    def off_fast_path(self, spec: LayerSpec) -> bool:
+        """Whether the layer runs a slow path at its widths (``effective``'s factor > 1)."""
+        return self.effective(spec)[2] > 1.0
+
+    def is_fast_width(self, width: int, op: OpKind = OpKind.CONV2D) -> bool:
+        """Whether a channel count sits on every fast path of ``op`` (no penalty, no padding)."""
+        if width <= 0:
+            return False
+        steps = [self.out_step]
+        if op == OpKind.CONV2D:
+            steps.append(self.in_step)
+        if op == OpKind.DWCONV2D:
+            steps.append(self.dw_step)
+        return all(width % s == 0 for s in steps)
+
+    # -- files -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["alignment"] = self.alignment
+        d["schema_version"] = RULES_SCHEMA_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "kernel rules") -> KernelRules:
+        try:
+            if int(d.get("schema_version", RULES_SCHEMA_VERSION)) != RULES_SCHEMA_VERSION:
+                raise ValueError(f"schema_version {d.get('schema_version')!r}")
+            rules = cls(out_step=int(d["out_step"]), in_step=int(d["in_step"]),
+                        in_penalty=float(d["in_penalty"]), dw_step=int(d["dw_step"]),
+                        dw_penalty=float(d["dw_penalty"]), sweep=dict(d.get("sweep") or {}))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{source}: malformed kernel rules ({e})") from None
+        if min(rules.out_step, rules.in_step, rules.dw_step) < 1 or \
+                min(rules.in_penalty, rules.dw_penalty) <= 0:
+            raise CorruptFileError(f"{source}: kernel rule steps must be >= 1, penalties > 0")
+        return rules
+
+    def __str__(self) -> str:
+        return (f"KernelRules(out step {self.out_step}, in step {self.in_step} "
+                f"(x{self.in_penalty:.2f} off it), depthwise step {self.dw_step} "
+                f"(x{self.dw_penalty:.2f} off it); search alignment {self.alignment})")
+
+
+def _ceil(w: int, step: int) -> int:
+    return int(math.ceil(w / step) * step) if step > 1 else int(w)
+
+
+# ------------------------------------------------------------------------------------------
+# Fitting
+# ------------------------------------------------------------------------------------------
+def _linear_rss(w: np.ndarray, y: np.ndarray) -> float:
+    design = np.stack([np.ones_like(w), w], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(((design @ coef - y) ** 2).sum())
+
+
+def fit_staircase(widths: Sequence[int], latency_ms: Sequence[float],
+                  candidates: Sequence[int] = STEP_CANDIDATES) -> tuple[int, dict[int, float]]:
+    """The step ``a`` of ``latency ≈ α + β·ceil(w/a)·a`` (1: no staircase) and every
+    candidate's residual sum of squares."""
+    w = np.asarray(widths, dtype=float)
+    y = np.asarray(latency_ms, dtype=float)
+    rss: dict[int, float] = {}
+    for a in candidates:
+        x = np.ceil(w / a) * a
+        design = np.stack([np.ones_like(x), x], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        rss[int(a)] = float(((design @ coef - y) ** 2).sum()) if coef[1] > 0 else float("inf")
+    return _pick(rss, _linear_rss(w, y)), rss
+
+
+def fit_penalty(widths: Sequence[int], latency_ms: Sequence[float],
+                candidates: Sequence[int] = STEP_CANDIDATES
+                ) -> tuple[int, float, dict[int, float]]:
+    """The step ``a`` whose off-step widths cost a constant factor more than the line through
+    the on-step widths, the factor (median of measured / line over off-step widths), and every
+    candidate's residual sum of squares."""
+    w = np.asarray(widths, dtype=float)
+    y = np.asarray(latency_ms, dtype=float)
+    rss: dict[int, float] = {}
+    factors: dict[int, float] = {1: 1.0}
+    for a in candidates:
+        on = (w % a) == 0
+        if a == 1:
+            rss[1] = _linear_rss(w, y)
+            continue
+        if on.sum() < 3 or (~on).sum() < 3:
+            rss[int(a)] = float("inf")
+            continue
+        design = np.stack([np.ones(int(on.sum())), w[on]], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y[on], rcond=None)
+        line = coef[0] + coef[1] * w
+        if coef[1] <= 0 or np.any(line <= 0):
+            rss[int(a)] = float("inf")
+            continue
+        factor = float(np.median(y[~on] / line[~on]))
+        pred = np.where(on, line, line * factor)
+        rss[int(a)] = float(((pred - y) ** 2).sum())
+        factors[int(a)] = factor
+    step = _pick(rss, rss[1])
+    factor = factors.get(step, 1.0)
+    if factor <= 1.0:  # off-step widths are not dearer: no penalty rule
+        return 1, 1.0, rss
+    return step, factor, rss
+
+
+def _pick(rss: dict[int, float], linear_rss: float) -> int:
+    finite = {a: r for a, r in rss.items() if math.isfinite(r)}
+    if not finite:
+        return 1
+    # the smallest residual; among steps within 5% of it the smallest step (a step that is a
+    # multiple of the true one fits its on-step widths just as well on noisy sweeps)
+    best = min(finite.values())
+    step = min(a for a, r in finite.items() if r <= best * 1.05 + 1e-15)
+    if step > 1 and finite[step] > (1.0 - MIN_EXPLAINED) * linear_rss:
+        return 1
+    return step
+
+
+# ------------------------------------------------------------------------------------------
+# Detection
+# ------------------------------------------------------------------------------------------
+def sweep_layers() -> dict[str, LayerSpec]:
+    """The fixed layers the sweep varies: a 3x3 conv 64→64 at 28² with ReLU (its input and its
+    output axis) and a 3x3 depthwise conv at 28². Fixed, so every model gets the same rules."""
+    conv = LayerSpec(OpKind.CONV2D, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 1, (28, 28),
+                     fused="relu")
+    dw = LayerSpec(OpKind.DWCONV2D, 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), 64, (28, 28),
+                   fused="relu")
+    return {"in": conv, "out": conv, "dw": dw}
+
+
+def sweep_items(widths: Sequence[int] = SWEEP_WIDTHS) -> list[tuple[LayerSpec, Structure, float]]:
+    layers = sweep_layers()
+    items = [(layers["in"].with_channels(w, layers["in"].out_channels), Structure.NONE, 1.0)
+             for w in widths]
+    items += [(layers["out"].with_channels(layers["out"].in_channels, w), Structure.NONE, 1.0)
+              for w in widths]
+    items += [(layers["dw"].with_channels(w, w), Structure.NONE, 1.0) for w in widths]
+    return items
+
+
+def rules_from_sweep(widths: Sequence[int], in_ms: Sequence[float], out_ms: Sequence[float],
+                     dw_ms: Sequence[float], min_step: int = 1) -> KernelRules:
+    """Fit ``KernelRules`` to the three sweeps (medians over repeats, one value per width)."""
+    out_step, out_rss = fit_staircase(widths, out_ms)
+    in_step, in_pen, in_rss = fit_penalty(widths, in_ms)
+    dw_step, dw_pen, dw_rss = fit_penalty(widths, dw_ms)
+    sweep = {
+        "widths": [int(w) for w in widths],
+        "in_ms": [round(float(v), 6) for v in in_ms],
+        "out_ms": [round(float(v), 6) for v in out_ms],
+        "dw_ms": [round(float(v), 6) for v in dw_ms],
+        "rss": {"out": _jsonable(out_rss), "in": _jsonable(in_rss), "dw": _jsonable(dw_rss)},
+        "layers": {k: v.to_dict() for k, v in sweep_layers().items()},
+        "min_step": int(min_step),
+    }
+    return KernelRules(out_step=max(out_step, int(min_step)), in_step=in_step,
+                       in_penalty=round(in_pen, 4), dw_step=dw_step,
+                       dw_penalty=round(dw_pen, 4), sweep=sweep)
+
+
+def _jsonable(rss: dict[int, float]) -> dict[str, float | None]:
+    return {str(k): (v if math.isfinite(v) else None) for k, v in rss.items()}
+
+
+def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None,
+                        widths: Sequence[int] = SWEEP_WIDTHS) -> KernelRules:
+    """Sweep the fixed layers on ``backend`` ``repeats`` times (interleaved; each width's
+    median over repeats) and fit the rules. About 8 s per repeat on ORT CPU, 1 thread."""
+    from autoprune.latency._profile import SWEEP_PROTOCOL
+
+    items = sweep_items(widths)
+    old = backend.protocol
+    backend.protocol = protocol or SWEEP_PROTOCOL
+    try:
+        runs = [[s.median_ms for s in backend.measure_layers(items)]
+                for _ in range(max(1, int(repeats)))]
+    finally:
+        backend.protocol = old
+    med = np.median(np.asarray(runs, dtype=float), axis=0)
+    n = len(widths)
+    floor = int(getattr(backend, "min_alignment", 1) or 1)
+    return rules_from_sweep(widths, med[:n], med[n:2 * n], med[2 * n:], min_step=floor)
+
+
+def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = False
+                        ) -> KernelRules:
+    """The device's rules from ``<cache>/devices/<device_id>/kernel_rules.json``, detected and
+    stored on first use (``cache`` default: ``autoprune.io.cache_dir()``; ``False``: detect
+    every time, store nothing). ``refresh``: detect again and overwrite."""
+    from pathlib import Path
+
+    from autoprune.io import atomic_write_json, cache_dir, read_json
+
+    if cache is False:
+        return detect_kernel_rules(backend)
+    root = Path(cache) if cache is not None else cache_dir()
+    path = root / "devices" / backend.device_info().device_id / "kernel_rules.json"
+    if path.exists() and not refresh:
+        return KernelRules.from_dict(read_json(path), source=str(path))
+    rules = detect_kernel_rules(backend)
+    atomic_write_json(path, {**rules.to_dict(), "device": backend.device_info().to_dict()})
+    return rules
+
+
+__all__ = ["KernelRules", "cached_kernel_rules", "detect_kernel_rules", "fit_penalty",
+           "fit_staircase", "rules_from_sweep"]
