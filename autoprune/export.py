@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from autoprune.budget import Budget
 from autoprune.errors import BackendUnavailable, InvalidInputError
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class VerifyReport:
     ratio: float | None = None
     ratio_iqr: float | None = None
     device: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the latency model's prediction for the reference (dense) model, when known
+    predicted_reference_ms: float | None = None
 
     @property
     def paired_ms(self) -> float | None:
@@ -63,10 +66,26 @@ class VerifyReport:
 
     @property
     def prediction_error(self) -> float | None:
-        """(predicted - measured) / measured, against ``latency_ms``."""
+        """(predicted - measured) / measured, against ``latency_ms`` (absolute: includes any
+        drift of the machine's speed since the latency model was fitted)."""
         if self.predicted_ms is None:
             return None
         return (self.predicted_ms - self.latency_ms) / self.latency_ms
+
+    @property
+    def predicted_ratio(self) -> float | None:
+        """Predicted model / predicted reference: the prediction as a share of dense."""
+        if self.predicted_ms is None or not self.predicted_reference_ms:
+            return None
+        return self.predicted_ms / self.predicted_reference_ms
+
+    @property
+    def ratio_prediction_error(self) -> float | None:
+        """(predicted ratio - measured paired ratio) / measured ratio: the prediction on the
+        scale a drifting machine cannot move (both sides are shares of dense)."""
+        if self.predicted_ratio is None or not self.ratio:
+            return None
+        return self.predicted_ratio / self.ratio - 1.0
 
     def to_dict(self) -> dict[str, Any]:
         def sample(s: LatencySample | None) -> dict[str, float] | None:
@@ -88,6 +107,9 @@ class VerifyReport:
             "budget_met": self.budget_met,
             "predicted_ms": self.predicted_ms,
             "prediction_error": self.prediction_error,
+            "predicted_reference_ms": self.predicted_reference_ms,
+            "predicted_ratio": self.predicted_ratio,
+            "ratio_prediction_error": self.ratio_prediction_error,
             "device": self.device,
         }
 
@@ -103,7 +125,10 @@ class VerifyReport:
             )
         if self.predicted_ms is not None:
             lines.append(f"  predicted     {self.predicted_ms:.4g} ms "
-                         f"({100 * (self.prediction_error or 0):+.1f}% vs measured)")
+                         f"({100 * (self.prediction_error or 0):+.1f}% vs measured now)")
+        if self.ratio_prediction_error is not None:
+            lines.append(f"  as dense share predicted {self.predicted_ratio:.3f} vs measured "
+                         f"{self.ratio:.3f} ({100 * self.ratio_prediction_error:+.1f}%)")
         if self.budget_ms is not None:
             verdict = "MET" if self.budget_met else "NOT MET"
             lines.append(f"  budget        {self.budget_ms:.4g} ms: {verdict} "
@@ -147,24 +172,21 @@ def verify(
     reference: nn.Module | None = None,
     predicted_ms: float | None = None,
     budget_fraction: float | None = None,
+    predicted_reference_ms: float | None = None,
 ) -> VerifyReport:
     """Measure ``model`` on ``backend`` (a name or a Backend object) and report against a budget.
 
     With ``reference`` (usually the dense model) both are timed alternately and the paired
     ratio is reported; ``predicted_ms`` (e.g. ``predictor.predict(plan)``) is compared to the
-    measurement. ``budget_fraction`` (instead of ``budget_ms``, needs ``reference``) sets the
+    measurement; ``predicted_reference_ms`` (the prediction for ``reference``) also compares
+    them as shares of dense (``ratio_prediction_error``). ``budget_fraction`` (instead of ``budget_ms``, needs ``reference``) sets the
     budget to that share of the reference's latency measured now, so the verdict is
     ``paired ratio <= budget_fraction`` and immune to the machine's speed drifting.
     """
-    if budget_ms is not None and not budget_ms > 0:
-        raise InvalidInputError(f"budget_ms must be > 0, got {budget_ms}")
-    if budget_fraction is not None:
-        if budget_ms is not None:
-            raise InvalidInputError("give budget_ms or budget_fraction, not both")
-        if reference is None:
-            raise InvalidInputError("budget_fraction needs reference= (the dense model)")
-        if not 0 < budget_fraction:
-            raise InvalidInputError(f"budget_fraction must be > 0, got {budget_fraction}")
+    if budget_ms is not None or budget_fraction is not None:
+        Budget.of(budget_ms, budget_fraction)  # the one validation (a fraction is in (0, 1])
+    if budget_fraction is not None and reference is None:
+        raise InvalidInputError("budget_fraction needs reference= (the dense model)")
     args = _as_tuple(example_inputs)
     be = _backend_of(backend)
     if hasattr(be, "is_available") and not be.is_available():
@@ -191,6 +213,7 @@ def verify(
         ratio=ratio,
         ratio_iqr=ratio_iqr,
         device=device,
+        predicted_reference_ms=predicted_reference_ms,
     )
 
 

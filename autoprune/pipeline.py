@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from autoprune.budget import Budget
 from autoprune.errors import InvalidInputError
 from autoprune.export import _as_tuple
 
@@ -141,7 +142,11 @@ class PipelineReport:
                 )
             if self.predicted_ms is not None:
                 lines.append(f"predicted         {self.predicted_ms:.4g} ms "
-                             f"({100 * (v.prediction_error or 0):+.1f}% vs measured)")
+                             f"({100 * (v.prediction_error or 0):+.1f}% vs measured now)")
+            if v.ratio_prediction_error is not None:
+                lines.append(f"  as dense share  predicted {v.predicted_ratio:.3f} vs measured "
+                             f"{v.ratio:.3f} ({100 * v.ratio_prediction_error:+.1f}%; "
+                             "drift-free)")
             verdict = {True: "MET", False: "NOT MET", None: "n/a"}[v.budget_met]
             lines.append(f"budget            {verdict} ({v.latency_ms:.4g} ms vs "
                          f"{self.budget_ms:.4g} ms)")
@@ -290,14 +295,7 @@ def run_pipeline(
     within ``fraction x (1 - budget_headroom)`` is taken (``finalists.csv``); the headroom keeps
     the final verification, a fresh noisy measurement, on the right side of the budget.
     """
-    if (latency_budget_ms is None) == (budget_fraction is None):
-        raise InvalidInputError("give exactly one of latency_budget_ms and budget_fraction")
-    if latency_budget_ms is not None and not latency_budget_ms > 0:
-        raise InvalidInputError(f"latency_budget_ms must be > 0, got {latency_budget_ms}")
-    if budget_fraction is not None and not 0 < budget_fraction < 1:
-        raise InvalidInputError(f"budget_fraction must be in (0, 1), got {budget_fraction}")
-    if not 0 <= budget_headroom < 0.5:
-        raise InvalidInputError(f"budget_headroom must be in [0, 0.5), got {budget_headroom}")
+    Budget.of(latency_budget_ms, budget_fraction, budget_headroom)  # the one validation
     if finetune_epochs > 0 and train_loader is None:
         raise InvalidInputError("fine-tuning needs train_loader (or pass finetune_epochs=0)")
     from autoprune.analyze import analyze
@@ -427,15 +425,24 @@ def run_pipeline(
         from autoprune.io import atomic_write_bytes
 
         atomic_write_bytes(run_dir / "trials.csv", result.trials.to_csv(index=False).encode())
-        try:
-            result.plot(run_dir / "front.png")
-        except Exception as e:  # noqa: BLE001 - a missing plot must not lose the search
-            say(f"could not draw front.png ({type(e).__name__}: {e})")
         if budget_fraction is not None:
             say("re-measuring the best candidates against the dense model (paired ratios)")
             result.best_plan = _select_by_ratio(
                 result, model, args, spec, backend, budget_fraction * (1.0 - budget_headroom),
                 run_dir, search_budget_ms)
+            # the user's budget and the measured finalists on the predictor's scale (paired
+            # ratio x predicted dense), so the plot compares like with like
+            dense_pred = float(predictor.predict(PruningPlan.dense(spec)))
+            result.user_budget_ms = budget_fraction * dense_pred
+            if not result.finalists.empty:
+                result.finalists["measured_latency_ms"] = (
+                    result.finalists["measured_ratio"] * dense_pred)
+        else:
+            result.user_budget_ms = float(latency_budget_ms)  # type: ignore[arg-type]
+        try:
+            result.plot(run_dir / "front.png")
+        except Exception as e:  # noqa: BLE001 - a missing plot must not lose the search
+            say(f"could not draw front.png ({type(e).__name__}: {e})")
         if result.best_plan is None:
             from autoprune.errors import InfeasibleBudgetError
 
@@ -520,8 +527,11 @@ def run_pipeline(
         steps[Step.VERIFY.value] = "skipped (done: verify.json)"
     else:
         say("verifying on the device (pruned and dense timed alternately)")
+        dense_predicted = (float(predictor.predict(PruningPlan.dense(spec)))
+                           if predictor is not None else None)
         vrep = verify(pruned, args, backend, budget_ms=latency_budget_ms, reference=model,
-                      predicted_ms=predicted_ms, budget_fraction=budget_fraction)
+                      predicted_ms=predicted_ms, budget_fraction=budget_fraction,
+                      predicted_reference_ms=dense_predicted)
         atomic_write_json(verify_path, vrep.to_dict())
         state.complete(Step.VERIFY)
         steps[Step.VERIFY.value] = "ran"
@@ -704,5 +714,6 @@ def _verify_from_json(path: Path) -> VerifyReport:
         backend=d["backend"], measured=measured, budget_ms=d.get("budget_ms"),
         predicted_ms=d.get("predicted_ms"), reference=sample(d.get("reference")),
         ratio=d.get("ratio"), ratio_iqr=d.get("ratio_iqr"), device=d.get("device", {}),
+        predicted_reference_ms=d.get("predicted_reference_ms"),
     )
 

@@ -18,24 +18,6 @@ PLAN_SCHEMA_VERSION = 1
 IMPORTANCE_NAMES = ("l1", "l2", "taylor", "bn_gamma", "random")
 
 
-def keep_units(units: int, keep_ratio: float, alignment: int = 1, minimum: int = 1) -> int:
-    """Units kept of ``units`` at ``keep_ratio``, snapped to a multiple of ``alignment``.
-
-    The full width is always allowed (it is what the model has); any smaller width is rounded
-    to the nearest multiple of ``alignment`` (at least one multiple). A group narrower than the
-    alignment rounds to the nearest unit instead. The result is never below ``minimum``.
-    """
-    if units <= 0:
-        return units
-    k = max(1, round(units * keep_ratio))
-    if k >= units:
-        return units
-    if alignment > 1 and units > alignment:
-        k = max(alignment, int(round(k / alignment)) * alignment)
-        k = min(k, units)
-    return max(min(minimum, units), k)
-
-
 @dataclass
 class GroupPlan:
     """What happens to one group.

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from autoprune.budget import Budget
 from autoprune.errors import (
     AutoPruneError,
     CorruptFileError,
@@ -476,14 +477,7 @@ def _check_budget(budget: Any) -> float:
     if budget is None:
         raise InvalidInputError("latency_budget_ms is required: the latency budget in "
                                 "milliseconds on the target device, e.g. latency_budget_ms=8.0")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.floating, np.integer)):
-        raise InvalidInputError(f"latency_budget_ms must be a number of milliseconds, got "
-                                f"{budget!r}")
-    b = float(budget)
-    if math.isnan(b) or math.isinf(b) or b <= 0:
-        raise InvalidInputError(f"latency_budget_ms must be a positive finite number of "
-                                f"milliseconds, got {budget!r}")
-    return b
+    return float(Budget.of(latency_budget_ms=budget).ms)  # type: ignore[arg-type]
 
 
 def _storage(storage: Any, run_dir: Path | None) -> Any:

@@ -3,12 +3,12 @@
 Per channel group the space holds the structures worth trying on the device and a grid of
 kept widths snapped to the device's channel alignment; per block group whether removing it is
 allowed. Built from a ``ModelSpec`` (plus, when given, the ``LatencyTable`` and ``Backend`` that
-say what the device accelerates) or from a YAML preset in ``search_spaces/``.
+say what the device accelerates) or from a YAML preset shipped in ``autoprune/presets/``.
 
 Rules (see ``from_spec``):
 
 - ``channel`` is offered wherever the group allows it; kept widths form a grid of multiples of
-  the alignment (``keep_units`` in ``autoprune.plan`` is the one rounding rule) between
+  the alignment (``keep_units`` in ``autoprune.types`` is the one rounding rule) between
   ``min_keep_ratio`` / ``min_units`` and the full width (which means "dense").
 - ``nm`` (2:4) is offered only where the table shows the group's producing layers faster with
   a 2:4 mask than dense (``nm="auto"``); ``nm=True`` offers it wherever the group allows it,
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from autoprune.errors import SearchSpaceError
-from autoprune.plan import GroupPlan, PruningPlan, keep_units
+from autoprune.plan import GroupPlan, PruningPlan
+from autoprune.types import keep_units
 from autoprune.types import ModelSpec, PrunableGroup, Structure
 
 if TYPE_CHECKING:
@@ -219,8 +220,8 @@ class SearchSpace:
         backend: Any | None = None,
         **overrides: Any,
     ) -> SearchSpace:
-        """Load a preset: a file path, or a name in ``search_spaces/`` (``default``, ``resnet``,
-        ``mobilenet``, ``vit``). Keyword ``overrides`` replace top-level keys of the file."""
+        """Load a preset: a file path, or a preset name (``autoprune/presets/``: ``default``,
+        ``resnet``, ``mobilenet``, ``vit``). Keyword ``overrides`` replace top-level keys of the file."""
         import yaml
 
         path = resolve_preset(path_or_name)
@@ -412,7 +413,7 @@ def _suggest(trial: Any, name: str, dist: Any) -> Any:
 
 
 def resolve_preset(path_or_name: str | Path) -> Path:
-    """A YAML path, or a preset name in the repository's ``search_spaces/`` directory."""
+    """A YAML path, or the name of a preset shipped in the package (``autoprune/presets/``)."""
     p = Path(path_or_name)
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
@@ -429,7 +430,7 @@ def resolve_preset(path_or_name: str | Path) -> Path:
 
 
 def _preset_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "search_spaces"
+    return Path(__file__).resolve().parent / "presets"  # package data: found by any install
 
 
 def list_presets() -> list[str]:

@@ -20,6 +20,24 @@ if TYPE_CHECKING:
     from autoprune.plan import PruningPlan
 
 
+def keep_units(units: int, keep_ratio: float, alignment: int = 1, minimum: int = 1) -> int:
+    """Units kept of ``units`` at ``keep_ratio``, snapped to a multiple of ``alignment``.
+
+    The full width is always allowed (it is what the model has); any smaller width is rounded
+    to the nearest multiple of ``alignment`` (at least one multiple). A group narrower than the
+    alignment rounds to the nearest unit instead. The result is never below ``minimum``.
+    """
+    if units <= 0:
+        return units
+    k = max(1, round(units * keep_ratio))
+    if k >= units:
+        return units
+    if alignment > 1 and units > alignment:
+        k = max(alignment, int(round(k / alignment)) * alignment)
+        k = min(k, units)
+    return max(min(minimum, units), k)
+
+
 class Structure(str, Enum):
     """How a group is pruned."""
 
@@ -261,8 +279,6 @@ class ModelSpec:
 
     def kept_units(self, plan: PruningPlan) -> dict[str, int]:
         """Units each channel group keeps under ``plan`` (after alignment rounding)."""
-        from autoprune.plan import keep_units
-
         out: dict[str, int] = {}
         for g in self.groups.values():
             if g.kind != "channel":

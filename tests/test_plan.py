@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from autoprune.errors import CorruptFileError, InvalidPlanError
-from autoprune.plan import GroupPlan, PruningPlan, keep_units
+from autoprune.plan import GroupPlan, PruningPlan
+from autoprune.types import keep_units
 from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
 
 

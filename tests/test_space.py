@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from autoprune.errors import SearchSpaceError
-from autoprune.plan import GroupPlan, PruningPlan, keep_units
+from autoprune.plan import GroupPlan, PruningPlan
+from autoprune.types import keep_units
 from autoprune.space import SearchSpace, list_presets
 from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
 

@@ -98,6 +98,8 @@ class TableLatencyModel:
     def predict_many(self, plans: Sequence[PruningPlan]) -> np.ndarray:
         if not hasattr(self, "slope_"):
             raise NotFittedError("TableLatencyModel is not fitted; call fit(...) first")
+        if len(plans) == 0:
+            return np.zeros(0)
         sums = self.table_sum_ms(plans)
         # floored like LatencyPredictor: never <= 0 even where the affine map would be
         return np.maximum(self.intercept_ms_ + self.slope_ * sums, 0.2 * self.slope_ * sums)

@@ -28,8 +28,8 @@ import numpy as np
 
 from autoprune.errors import InvalidInputError, TableMismatchError
 from autoprune.measure import ProtocolSettings
-from autoprune.plan import keep_units
-from autoprune.latency._rules import KernelRules, cached_kernel_rules
+from autoprune.types import keep_units
+from autoprune.latency._rules import SWEEP_PROTOCOL, KernelRules, cached_kernel_rules
 from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure
 
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 WidthsOption = Literal["auto", "fine", "full"] | Sequence[float]
 AUTO_RATIOS: tuple[float, ...] = (0.25, 0.5, 0.75)
 ALIGNMENT_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-#: a short protocol for the alignment sweep (many tiny configurations, interleaved)
-SWEEP_PROTOCOL = ProtocolSettings(warmup_runs=3, min_runs=15, max_runs=40, target_rel_iqr=0.03,
-                                  time_cap_s=0.08, min_sample_ms=0.05)
 WorkItem = tuple[LayerSpec, Structure, float]
 
 
@@ -252,19 +249,17 @@ def enumerate_items(
 
 def _off_path_pairs(spec: LayerSpec, ins: list[int], outs: list[int],
                     rules: KernelRules | None) -> list[tuple[int, int]]:
-    """(in, out) widths one channel below the middle grid width of a prunable axis that a
-    kernel rule applies to (that width is off the fast path)."""
+    """(in, out) widths one channel below each grid width (but the smallest) of a prunable
+    axis that a kernel rule applies to: those widths are off the fast path, and the table
+    interpolates the layer's own slow-path factor between them."""
     if rules is None:
         return []
     if spec.op == OpKind.DWCONV2D and rules.dw_step > 1:
         grid = sorted(set(ins) | set(outs))
-        c = grid[len(grid) // 2] if len(grid) > 1 else 0
-        return [(c - 1, c - 1)] if c > rules.dw_step and c % rules.dw_step == 0 else []
+        return [(c - 1, c - 1) for c in grid[1:] if c > rules.dw_step and c % rules.dw_step == 0]
     if spec.op == OpKind.CONV2D and spec.groups == 1 and rules.in_step > 1 and len(ins) > 1:
-        ci = ins[len(ins) // 2]
         co = outs[len(outs) // 2]
-        if ci > rules.in_step and ci % rules.in_step == 0:
-            return [(ci - 1, co)]
+        return [(ci - 1, co) for ci in ins[1:] if ci > rules.in_step and ci % rules.in_step == 0]
     return []
 
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoprune.errors import CorruptFileError
+from autoprune.measure import ProtocolSettings
 from autoprune.types import LayerSpec, OpKind, Structure
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ RULES_SCHEMA_VERSION = 1
 STEP_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 #: share of the linear fit's residual a step must explain to count as a rule
 MIN_EXPLAINED = 0.35
+#: a short protocol for sweeps (many tiny configurations, interleaved)
+SWEEP_PROTOCOL = ProtocolSettings(warmup_runs=3, min_runs=15, max_runs=40, target_rel_iqr=0.03,
+                                  time_cap_s=0.08, min_sample_ms=0.05)
 #: widths each axis is swept at (two full periods of the largest usual block, off-centre)
 SWEEP_WIDTHS: tuple[int, ...] = tuple(range(40, 81))
 
@@ -255,8 +259,6 @@ def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None
                         widths: Sequence[int] = SWEEP_WIDTHS) -> KernelRules:
     """Sweep the fixed layers on ``backend`` ``repeats`` times (interleaved; each width's
     median over repeats) and fit the rules. About 8 s per repeat on ORT CPU, 1 thread."""
-    from autoprune.latency._profile import SWEEP_PROTOCOL
-
     items = sweep_items(widths)
     old = backend.protocol
     backend.protocol = protocol or SWEEP_PROTOCOL

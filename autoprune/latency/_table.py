@@ -201,7 +201,7 @@ class LatencyTable:
         self.path: Path | None = None
         self._entries: dict[EntryKey, Entry] = {}
         self._families: dict[tuple[LayerSpec, Structure, float], dict[tuple[int, int], float]] | None = None
-        self._penalties: dict[tuple[LayerSpec, Structure, float], float] | None = None
+        self._penalties: dict[tuple[LayerSpec, Structure, float], list[tuple[int, float]]] | None = None
 
     # --- container -----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -347,6 +347,10 @@ class LatencyTable:
             if factor > 1.0 and fast:
                 factor = self._family_penalty(key, pts, fast, factor)
             pts = fast or pts
+            # rounding up never passes the next measured width (e.g. a full width of 10
+            # classes is not priced as 16)
+            ci_eff = _cap(spec.in_channels, ci_eff, sorted({ci for ci, _ in pts}))
+            co_eff = _cap(spec.out_channels, co_eff, sorted({co for _, co in pts}))
         else:
             a = self.alignment or 1
             ci_eff = _round_up(spec.in_channels, a, sorted({ci for ci, _ in pts}))
@@ -360,17 +364,19 @@ class LatencyTable:
 
     def _family_penalty(self, key: EntryKey, pts: dict[tuple[int, int], float],
                         fast: dict[tuple[int, int], float], default: float) -> float:
-        """This layer family's own slow-path factor: the median over its measured off-path
-        points of measured / fast-path price at their rounded-up widths (the profiler
-        measures one such point per layer); the device's rule factor if it has none."""
+        """This layer family's own slow-path factor at the query's width: measured / fast-path
+        price (at the rounded-up widths) of the family's measured off-path points (the
+        profiler measures one below each grid width), interpolated linearly along the axis
+        the rule applies to (input channels; channels for depthwise), constant beyond them;
+        the device's rule factor if the family has none."""
         fam = (_family(key[0]), key[1], key[2])
         if self._penalties is None:
             self._penalties = {}
-        hit = self._penalties.get(fam)
-        if hit is None:
-            rules = self.kernel_rules
-            assert rules is not None
-            ratios = []
+        curve = self._penalties.get(fam)
+        rules = self.kernel_rules
+        assert rules is not None
+        if curve is None:
+            by_width: dict[int, list[float]] = {}
             for (ci, co), v in pts.items():
                 sp = key[0].with_channels(ci, co)
                 if (ci, co) in fast or not rules.off_fast_path(sp):
@@ -379,10 +385,20 @@ class LatencyTable:
                 if key[0].op.is_depthwise:
                     ci_e = co_e
                 base = fast.get((ci_e, co_e)) or _priced_between(sp, ci_e, co_e, fast)
-                ratios.append(v / base)
-            hit = float(np.median(ratios)) if ratios else default
-            self._penalties[fam] = hit
-        return hit
+                by_width.setdefault(co if key[0].op.is_depthwise else ci, []).append(v / base)
+            curve = sorted((w, float(np.median(r))) for w, r in by_width.items())
+            self._penalties[fam] = curve
+        if not curve:
+            return default
+        w = key[0].out_channels if key[0].op.is_depthwise else key[0].in_channels
+        ws = [c[0] for c in curve]
+        j = bisect.bisect_left(ws, w)
+        if j == 0:
+            return curve[0][1]
+        if j == len(ws):
+            return curve[-1][1]
+        (w0, f0), (w1, f1) = curve[j - 1], curve[j]
+        return f0 + (f1 - f0) * (w - w0) / (w1 - w0)
 
     # --- persistence ---------------------------------------------------------------------
     @staticmethod
@@ -622,6 +638,12 @@ def _round_up(w: int, a: int, grid: list[int]) -> int:
     up = int(math.ceil(w / a) * a)
     pos = bisect.bisect_left(grid, w)
     return min(up, grid[pos]) if pos < len(grid) else up
+
+
+def _cap(w: int, w_eff: int, grid: list[int]) -> int:
+    """``w_eff`` (``w`` rounded up) capped at the smallest measured width >= ``w``."""
+    pos = bisect.bisect_left(grid, w)
+    return min(w_eff, grid[pos]) if pos < len(grid) else w_eff
 
 
 def _macs_at(spec: LayerSpec, ci: int, co: int) -> float:

@@ -4,14 +4,8 @@
 
 from __future__ import annotations
 
-from autoprune.strategies.base import (
-    SearchProblem,
-    Strategy,
-    TrialFailure,
-    get_strategy,
-    list_strategies,
-    plan_key,
-)
+from autoprune.strategies._registry import get_strategy, list_strategies
+from autoprune.strategies.base import SearchProblem, Strategy, TrialFailure, plan_key
 
 __all__ = ["SearchProblem", "Strategy", "TrialFailure", "get_strategy", "list_strategies",
            "plan_key"]
