@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # autoprune developer entry point: creates/reuses .venv from the lock file, then
 #   ./dev.sh demo   - the main job end to end on the embedded default (CPU, ONNX Runtime)
-#   ./dev.sh test   - the whole test suite
+#   ./dev.sh test   - lint (ruff), then the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${AUTOPRUNE_VENV:-.venv}"
@@ -26,6 +26,9 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
     demo) exec "$VENV/bin/python" examples/quickstart.py "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test)
+        # lint first (pyflakes, pycodestyle errors, import order; pyproject.toml [tool.ruff])
+        "$VENV/bin/ruff" check autoprune tests benchmarks examples
+        exec "$VENV/bin/python" -m pytest -q "$@" ;;
     *) echo "usage: ./dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -17,6 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoprune._tpglue import (
+    _WEIGHT_LAYERS,
+    Graphs,
+    _inputs_error,
+    build_graphs,
+    check_channel_groups,
+    custom_param_modules,
+    functional_weight_modules,
+    normalize_inputs,
+)
 from autoprune.errors import InvalidInputError, UnsupportedLayerError
 from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
 
@@ -33,7 +43,6 @@ __all__ = [
 #: nm is offered on a group only if every producer's input width per group is a multiple of this
 NM_MULTIPLE = 4
 
-_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _UNSUPPORTED_WEIGHT_LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # autograd node names (without the trailing version digit) -> fused op name
@@ -55,19 +64,6 @@ _ADD_NODES = ("AddBackward",)
 
 def _node_kind(fn: Any) -> str:
     return type(fn).__name__.rstrip("0123456789")
-
-
-def normalize_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """``example_inputs`` as a tuple of tensors (a single tensor becomes a 1-tuple)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
-        isinstance(t, torch.Tensor) for t in example_inputs
-    ):
-        return tuple(example_inputs)
-    raise InvalidInputError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
 
 
 @dataclass
@@ -142,15 +138,6 @@ def _trace_forward(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> _Trace
         elif isinstance(o, dict):
             stack.extend(o.values())
     return trace
-
-
-def _inputs_error(model: nn.Module, inputs: tuple[torch.Tensor, ...], err: Exception) -> InvalidInputError:
-    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-    return InvalidInputError(
-        f"{type(model).__name__} cannot run on example_inputs of shape {shapes} "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); pass inputs "
-        "of the shape the model is deployed with"
-    )
 
 
 def _consumers(output_fns: list[Any]) -> dict[Any, list[Any]]:
@@ -279,136 +266,6 @@ def _is_unit_partition(units: int, d: int) -> bool:
     return d >= 1 and units % d == 0
 
 
-@dataclass
-class Graphs:
-    """torch-pruning dependency graphs of a model: one for the whole model, or, where tracing
-    the whole fails (an op torch-pruning cannot model, like ShuffleNet's channel shuffle), one
-    per largest submodule that traces; channels crossing the untraced parts stay fixed."""
-
-    graphs: dict[str, Any]  # module path ("" = whole model) -> DependencyGraph
-    failures: dict[str, str]  # module path -> why torch-pruning could not trace it
-
-    def for_group(self, group_name: str) -> Any:
-        """The graph that owns a group (the longest module path prefix of its name)."""
-        best = None
-        for prefix in self.graphs:
-            if prefix == "" or group_name == prefix or group_name.startswith(prefix + "."):
-                if best is None or len(prefix) > len(best):
-                    best = prefix
-        if best is None:
-            raise KeyError(group_name)
-        return self.graphs[best]
-
-
-def _module_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple]:
-    """Positional tensor inputs of every module's first call (for tracing it alone)."""
-    names = {m: n for n, m in model.named_modules()}
-    seen: dict[str, tuple] = {}
-    handles = []
-
-    def pre(mod: nn.Module, args: tuple) -> None:
-        n = names[mod]
-        if n not in seen:
-            ok = bool(args) and all(isinstance(a, torch.Tensor) for a in args)
-            seen[n] = tuple(a.detach() for a in args) if ok else ()
-
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _one_graph(module: nn.Module, args: tuple, ignore_mods: list[nn.Module]) -> Any:
-    import torch_pruning as tp
-
-    mods = set(module.modules())
-    ign = [m for m in ignore_mods if m in mods]
-    return tp.DependencyGraph().build_dependency(
-        module, args[0] if len(args) == 1 else args, ignored_layers=ign,
-        ignored_params=[q for m in ign for q in m.parameters(recurse=False)], verbose=False,
-    )
-
-
-def functional_weight_modules(model: nn.Module, called: set[str] | dict[str, Any]) -> list[str]:
-    """Modules that ran but read a conv/linear child's weights without calling it (torchvision
-    Swin's ShiftedWindowAttention): neither torch-pruning nor the layer hooks can see those
-    layers. nn.MultiheadAttention (out_proj) is modelled and not listed."""
-    out = []
-    for path, m in model.named_modules():
-        if path not in called:
-            continue
-        if isinstance(m, nn.MultiheadAttention):
-            continue
-        for name, child in m.named_children():
-            cpath = f"{path}.{name}" if path else name
-            if isinstance(child, _WEIGHT_LAYERS) and cpath not in called:
-                out.append(path)
-                break
-    return out
-
-
-def build_graphs(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], ignore: Sequence[str] = ()
-) -> Graphs:
-    """Dependency graph(s) of ``model`` (see ``Graphs``); the model should be in eval mode.
-
-    Ignored modules that use their layers' weights functionally (see
-    ``functional_weight_modules``) are opaque: no graph spans them, their neighbours are traced
-    in parts around them."""
-    ignore_mods = [m for p in ignore for m in model.get_submodule(p).modules()]
-    try:
-        args_of = _module_inputs(model, inputs)
-    except Exception as e:  # noqa: BLE001 - the inputs do not fit the model
-        raise _inputs_error(model, inputs, e) from e
-    opaque = [p for p in ignore
-              if functional_weight_modules(model.get_submodule(p), {
-                  k[len(p) + 1:] if k != p else "" for k in args_of
-                  if k == p or k.startswith(p + ".")})]
-    failures: dict[str, str] = {}
-    if not opaque:
-        try:
-            return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
-        except Exception as e:  # noqa: BLE001 - fall back to tracing parts
-            failures[""] = f"{type(e).__name__}: {e}"
-    else:
-        failures[""] = f"contains opaque ignored modules ({', '.join(opaque[:3])})"
-    graphs: dict[str, Any] = {}
-
-    def spans_opaque(path: str) -> bool:
-        return any(o == path or o.startswith(path + ".") for o in opaque)
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if not any(True for _ in child.parameters()):
-                continue  # nothing to prune in it
-            if any(path == o or path.startswith(o + ".") for o in opaque):
-                continue  # ignored and opaque: left alone
-            args = args_of.get(path, ())
-            if spans_opaque(path):
-                failures[path] = "contains an opaque ignored module"
-                visit(path, child)
-                continue
-            if not args:
-                if path in args_of:  # called with non-tensor arguments: look inside
-                    failures[path] = "called with non-tensor arguments"
-                    visit(path, child)
-                continue  # never called
-            try:
-                graphs[path] = _one_graph(child, args, ignore_mods)
-            except Exception as e:  # noqa: BLE001
-                failures[path] = f"{type(e).__name__}: {e}"
-                visit(path, child)
-
-    visit("", model)
-    return Graphs(graphs, failures)
-
-
 def analyze(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -476,7 +333,7 @@ def analyze(
         _report_trace_failures(model, graphs, ignore)
         spec = _build_spec(model, inputs, trace, graphs, names, ignored_ids, ignore, model_name)
         if check:
-            _check_channel_groups(model, inputs, spec, ignored_modules, ignore)
+            spec = check_channel_groups(model, inputs, spec, ignore)
     finally:
         model.train(was_training)
     return spec
@@ -506,24 +363,6 @@ def _report_trace_failures(model: nn.Module, graphs: Graphs, ignore: Sequence[st
         f"{len(parts)} untraceable modules (e.g. {', '.join(parts[:3])}) get masks only",
         stacklevel=3,
     )
-
-
-_KNOWN_PARAM_HOLDERS = (
-    nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-    nn.GroupNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.modules.instancenorm._InstanceNorm,
-)
-
-
-def custom_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules owning parameters directly whose type torch-pruning has no pruner for
-    (their parameters are pruned by shape guessing)."""
-    out = []
-    for path, m in model.named_modules():
-        if isinstance(m, _KNOWN_PARAM_HOLDERS):
-            continue
-        if any(True for _ in m.parameters(recurse=False)):
-            out.append((path, m))
-    return out
 
 
 def _build_spec(
@@ -787,14 +626,3 @@ def _build_spec(
     )
 
 
-def _check_channel_groups(
-    model: nn.Module,
-    inputs: tuple[torch.Tensor, ...],
-    spec: ModelSpec,
-    ignored_modules: list[nn.Module],
-    ignore: list[str],
-) -> None:
-    """Prune one unit of every channel group on a copy and run it (see the executor)."""
-    from autoprune.executor import _dry_run_channel_groups
-
-    _dry_run_channel_groups(model, inputs, spec, ignore)

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autoprune.errors import CorruptFileError, InvalidInputError
-from autoprune.measure import ProtocolSettings
 from autoprune.latency._profile import (
     ALIGNMENT_CANDIDATES,
     WidthsOption,
@@ -43,6 +42,7 @@ from autoprune.latency._profile import (
     representative_layer,
 )
 from autoprune.latency._table import LatencyTable, entry_key
+from autoprune.measure import ProtocolSettings
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, ModelSpec, Structure
 
 if TYPE_CHECKING:

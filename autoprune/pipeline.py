@@ -84,6 +84,8 @@ class PipelineReport:
     steps: dict[str, str]
     seconds: dict[str, float]
     onnx_path: Path | None = None
+    #: the latency model's band for the chosen plan (``predict_interval``)
+    predicted_band_ms: tuple[float, float] | None = None
 
     @property
     def budget_met(self) -> bool | None:
@@ -104,6 +106,8 @@ class PipelineReport:
             "budget_fraction": self.budget_fraction,
             "budget_met": self.budget_met,
             "predicted_ms": self.predicted_ms,
+            "predicted_band_ms": None if self.predicted_band_ms is None
+            else list(self.predicted_band_ms),
             "verify": None if self.verify is None else self.verify.to_dict(),
             "accuracy_dense": self.accuracy_dense,
             "accuracy_pruned": self.accuracy_pruned,
@@ -141,7 +145,9 @@ class PipelineReport:
                     f"alternately) -> {v.paired_ms:.4g} ms, speed-up {v.speedup:.2f}x"
                 )
             if self.predicted_ms is not None:
-                lines.append(f"predicted         {self.predicted_ms:.4g} ms "
+                band = "" if self.predicted_band_ms is None else (
+                    f", band {self.predicted_band_ms[0]:.4g}-{self.predicted_band_ms[1]:.4g}")
+                lines.append(f"predicted         {self.predicted_ms:.4g} ms{band} "
                              f"({100 * (v.prediction_error or 0):+.1f}% vs measured now)")
             if v.ratio_prediction_error is not None:
                 lines.append(f"  as dense share  predicted {v.predicted_ratio:.3f} vs measured "
@@ -562,6 +568,7 @@ def run_pipeline(
         accuracy_pruned=acc_pruned, accuracy_before_finetune=acc_before,
         macs_dense=macs_dense, macs_pruned=macs_pruned, params_dense=params_dense,
         params_pruned=params_pruned, steps=steps, seconds=seconds, onnx_path=onnx_path,
+        predicted_band_ms=_band(predictor, plan),
     )
     atomic_write_text(run_dir / "report.txt", str(report) + "\n")
     atomic_write_json(run_dir / "report.json", report.to_dict())
@@ -626,6 +633,16 @@ def candidate_order(trials: Any, proxy_tolerance: float = 0.01) -> Any:
     head = cands[top].sort_values(["predicted_latency_ms", "proxy"], ascending=[False, False])
     tail = cands[~top].sort_values(["proxy", "predicted_latency_ms"], ascending=[False, True])
     return pd.concat([head, tail])
+
+
+def _band(predictor: Any, plan: PruningPlan) -> tuple[float, float] | None:
+    """The latency model's band for ``plan`` (None without a latency model)."""
+    if predictor is None:
+        return None
+    from autoprune.latency._model import as_latency_model
+
+    lo, hi = as_latency_model(predictor).predict_interval([plan])
+    return float(lo[0]), float(hi[0])
 
 
 def _select_by_ratio(result: Any, model: nn.Module, args: tuple[Any, ...], spec: ModelSpec,

@@ -179,8 +179,9 @@ class SearchResult:
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        from autoprune.io import atomic_write_bytes
         import io
+
+        from autoprune.io import atomic_write_bytes
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png")

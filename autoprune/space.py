@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from autoprune.errors import SearchSpaceError
 from autoprune.plan import GroupPlan, PruningPlan
-from autoprune.types import keep_units
-from autoprune.types import ModelSpec, PrunableGroup, Structure
+from autoprune.types import ModelSpec, PrunableGroup, Structure, keep_units
 
 if TYPE_CHECKING:
     import optuna

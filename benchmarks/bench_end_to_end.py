@@ -166,10 +166,10 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     so all methods face the same criterion). Table and predictor are built once per model."""
     from autoprune.evaluators import accuracy_evaluator
     from autoprune.executor import apply_plan
-    from autoprune.pipeline import _select_by_ratio
-    from autoprune.plan import PruningPlan
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
+    from autoprune.pipeline import _select_by_ratio
+    from autoprune.plan import PruningPlan
     from autoprune.search import search
 
     if "predictor" not in cache:

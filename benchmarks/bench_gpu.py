@@ -59,8 +59,8 @@ def _q(xs: list[float]) -> dict[str, float]:
 
 def alignment_study() -> dict[str, Any]:
     import autoprune as ap
-    from autoprune.measure import ProtocolSettings
     from autoprune.latency._profile import detect_alignment
+    from autoprune.measure import ProtocolSettings
     from autoprune.types import LayerSpec, OpKind
 
     b = ap.get_backend("torch-cuda", dtype="fp16")
@@ -101,8 +101,8 @@ def alignment_study() -> dict[str, Any]:
 
 def profile_tables(root: Path, deadline_s: float) -> dict[str, Any]:
     import autoprune as ap
-    from autoprune.measure import ProtocolSettings
     from autoprune.latency._profile import profile
+    from autoprune.measure import ProtocolSettings
     from autoprune.zoo import torchvision_model
 
     proto = ProtocolSettings(warmup_runs=5, min_runs=20, max_runs=100, target_rel_iqr=0.03,

@@ -10,8 +10,9 @@ the values) at one input size, batch 1, one intra-op thread:
    ``space`` (per-group widths on the device alignment, as the search proposes),
    ``uniform_aligned`` and ``uniform_unaligned`` (one keep ratio for all groups, widths not
    snapped: what other toolkits hand out, including plans slower than dense);
-3. time every evaluation plan against the dense model in the same interleaved chunk and take
-   ``plan / dense-in-chunk × the fit's dense median`` as its measured latency (the scale the
+3. time every evaluation plan against the dense model in the same interleaved chunk, twice
+   (``--repeats``, in different chunks), and take the median of ``plan / dense-in-chunk`` ×
+   the fit's dense median as its measured latency (the scale the
    predictor is fitted on, so drift between fit and evaluation is not counted as error); the
    dense model's re-measurements across chunks are the noise floor;
 4. score, per kind, the predictor, the plain table sum and a FLOPs-linear model fitted on the
@@ -81,22 +82,29 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     table = profile(model, x, backend, spec=spec, root=root, progress=False)
     table_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pred = LatencyPredictor(n_samples=args.n_samples, random_state=args.seed).fit(
+    extra = {} if args.n_samples is None else {"n_samples": args.n_samples}
+    pred = LatencyPredictor(random_state=args.seed, **extra).fit(
         table=table, model=model, example_inputs=x, backend=backend, spec=spec,
         progress=not args.no_progress)
     fit_s = time.perf_counter() - t0
 
     plans = _eval_plans(spec, int(table.alignment or 1), args.n_space, args.seed)
-    measured = np.empty(len(plans))
+    pruned_models = [apply_plan(model, p, x, spec=spec) for _, p in plans]
+    ratios = np.empty((args.repeats, len(plans)))
     refs: list[float] = []
     chunk = 6
-    for start in range(0, len(plans), chunk):
-        part = plans[start:start + chunk]
-        pruned = [apply_plan(model, p, x, spec=spec) for _, p in part]
-        samples = backend.measure_interleaved([model, *pruned], x)
-        refs.append(samples[0].median_ms)
-        for i, s in enumerate(samples[1:]):
-            measured[start + i] = s.median_ms / samples[0].median_ms
+    for rep in range(args.repeats):  # each repeat in another order, so chunks differ
+        order = np.random.default_rng(rep).permutation(len(plans))
+        for start in range(0, len(plans), chunk):
+            part = order[start:start + chunk]
+            samples = backend.measure_interleaved(
+                [model, *(pruned_models[i] for i in part)], x)
+            refs.append(samples[0].median_ms)
+            for i, s in zip(part, samples[1:]):
+                ratios[rep, i] = s.median_ms / samples[0].median_ms
+    measured = np.median(ratios, axis=0)
+    repeat_spread = (np.ptp(ratios, axis=0) / measured) if args.repeats > 1 else np.zeros(
+        len(plans))
     dense_ms = float(np.median(refs))
     # on the fit's scale: the predictor learnt plan / dense-in-chunk x the dense median of the
     # fit; the evaluation plans are put on the same scale, so machine drift between the fit and
@@ -129,6 +137,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "estimated_fit_seconds": float(pred.estimated_seconds_),
         "holdout_report": {m: pred.report_.loc[m].to_dict() for m in pred.report_.index},
         "dense_ms": dense_ms, "dense_ms_at_fit": float(pred.dense_ms_),
+        "load_avg": os.getloadavg(),
+        "eval_repeat_spread_median": float(np.median(repeat_spread)),
+        "eval_repeat_spread_max": float(np.max(repeat_spread)),
         "noise_floor": {"dense_repeats": [float(r) for r in refs],
                         "within_5pct": float(np.mean(dev <= 0.05)),
                         "within_10pct": float(np.mean(dev <= 0.10)),
@@ -160,13 +171,17 @@ def _markdown(results: list[dict[str, Any]]) -> str:
                 lines.append(f"| {head} | {kind} ({n}; {slow}) | {m} | "
                              f"{100 * v['within_5pct']:.0f}% | {100 * v['within_10pct']:.0f}% "
                              f"| {100 * v['mape']:.1f}% | {v['spearman']:.3f} |")
-    lines += ["", "| model | dense ms | dense repeats within ±5% / ±10% (max dev) | "
-              "interval coverage (all) | kernel rules |", "|---|---|---|---|---|"]
+    lines += ["", "| model | dense ms (fit / eval) | dense repeats within ±5% / ±10% (max dev) "
+              "| eval plan repeat spread median (max) | interval coverage (all) | kernel rules |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         n = r["noise_floor"]
         k = r["kernel_rules"] or {}
-        lines.append(f"| {r['model']} | {r['dense_ms']:.3f} | {100 * n['within_5pct']:.0f}% / "
+        lines.append(f"| {r['model']} | {r['dense_ms_at_fit']:.3f} / {r['dense_ms']:.3f} | "
+                     f"{100 * n['within_5pct']:.0f}% / "
                      f"{100 * n['within_10pct']:.0f}% ({100 * n['max_dev']:.1f}%) | "
+                     f"{100 * r['eval_repeat_spread_median']:.1f}% "
+                     f"({100 * r['eval_repeat_spread_max']:.1f}%) | "
                      f"{100 * r['by_kind']['all']['interval_coverage']:.0f}% | "
                      f"out {k.get('out_step')}, in {k.get('in_step')} "
                      f"(x{k.get('in_penalty')}), dw {k.get('dw_step')} "
@@ -180,8 +195,12 @@ def main() -> None:
                     default=["resnet18", "mobilenet_v2", "efficientnet_b0", "mnasnet1_0",
                              "regnet_x_400mf"])
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=None,
+                    help="plans the predictor measures (default: LatencyPredictor's)")
     ap.add_argument("--n-space", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="times every evaluation plan is measured (in different chunks); "
+                         "its measured ratio is the median")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_predictor")

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 # Stops the server if the process that started it dies without stopping it (a test run killed
 # by SIGKILL or a CI timeout would otherwise leave an orphaned server behind).
 _WATCHDOG = r"""

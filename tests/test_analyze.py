@@ -219,3 +219,25 @@ def test_swin_functional_attention_needs_ignore_then_works():
     pruned = apply_plan(model, plan, x, spec=spec)
     with torch.no_grad():
         assert pruned(x).shape == (1, 10)
+
+
+def test_analyze_a_model_that_carries_autoprune_masks():
+    """The dry-run check used to remove a channel from a weight but not from its weight_mask
+    (a 2:4-masked resnet18 failed with 'size of tensor a (47) must match ... (48)')."""
+    import autoprune as ap
+    from autoprune.zoo import torchvision_model
+
+    model = torchvision_model("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    spec = ap.analyze(model, x)
+    plan = ap.PruningPlan.dense(spec)
+    nm_groups = [g.name for g in spec.groups.values() if Structure.NM in g.allowed][:3]
+    assert nm_groups
+    for name in nm_groups:
+        plan.groups[name] = ap.GroupPlan("nm", n=2, m=4)
+    masked = ap.apply_plan(model, plan, x)
+    assert any(n.endswith("weight_mask") for n, _ in masked.named_buffers())
+    again = ap.analyze(masked, x)
+    assert set(again.groups) == set(spec.groups)
+    assert {n: g.allowed for n, g in again.groups.items()} == \
+        {n: g.allowed for n, g in spec.groups.items()}

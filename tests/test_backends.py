@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _latency_helpers import conv2d
 from torch import nn
 
 import autoprune as ap
@@ -13,8 +14,6 @@ from autoprune.backends.micro import build_micro_model, nm_mask, random_mask
 from autoprune.errors import BackendUnavailable, InvalidInputError, UnknownNameError
 from autoprune.measure import ProtocolSettings
 from autoprune.types import LayerSpec, OpKind, Structure
-
-from _latency_helpers import conv2d
 
 QUICK = ProtocolSettings.quick()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _latency_helpers import synthetic_conv1d
 
 import autoprune as ap
 from autoprune.errors import (
@@ -39,7 +40,6 @@ from autoprune.errors import (
     TableMismatchError,
 )
 from autoprune.zoo import conv1d_net, mlp
-from _latency_helpers import synthetic_conv1d
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -186,9 +186,9 @@ def test_corrupt_trials_csv_names_the_file(setup, tmp_path: Path) -> None:
 
 
 def test_corrupt_study_journal_names_the_file(tmp_path: Path) -> None:
-    from autoprune.storage import make_storage
-
     import optuna
+
+    from autoprune.storage import make_storage
 
     path = tmp_path / "study.journal"
     study = optuna.create_study(study_name="s", storage=make_storage(path, tmp_path))

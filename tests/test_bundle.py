@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from _latency_helpers import small_spec
 
 import autoprune as ap
 from autoprune.bundle import export_bundle, import_bundle
 from autoprune.errors import CorruptFileError
-from autoprune.measure import ProtocolSettings
 from autoprune.latency._profile import profile
 from autoprune.latency._table import COLUMNS, LatencyTable
+from autoprune.measure import ProtocolSettings
 from autoprune.zoo import conv1d_net
-
-from _latency_helpers import small_spec
 
 QUICK = ProtocolSettings.quick()
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_space import ToyNet, toy_spec
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,8 +18,6 @@ from autoprune.evaluators import (
     recalibrate_batchnorm,
 )
 from autoprune.plan import GroupPlan, PruningPlan
-
-from test_space import ToyNet, toy_spec
 
 
 def _data(n: int = 256, shift: float = 3.0) -> DataLoader:

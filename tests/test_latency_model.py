@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from _latency_helpers import CountingSynthetic, conv2d
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +18,6 @@ from autoprune.latency._sampler import PLAN_KINDS, PlanSampler
 from autoprune.measure import ProtocolSettings
 from autoprune.plan import GroupPlan, PruningPlan
 from autoprune.types import Structure
-
-from _latency_helpers import CountingSynthetic, conv2d
 
 #: a device with ONNX Runtime's AVX2 regimes (BENCHMARKS.md "Kernel rules"): outputs step by 8,
 #: inputs off a multiple of 4 cost 1.3x, depthwise channels off a multiple of 4 cost 3x
@@ -68,9 +67,9 @@ def test_kernel_rules_are_detected_from_fixed_layers_once_per_device(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:analyze:UserWarning")
 def test_every_model_on_one_device_gets_the_same_alignment(tmp_path):
-    from autoprune import zoo
-
     import torch
+
+    from autoprune import zoo
 
     device = _device()
     tables = {}
@@ -133,12 +132,23 @@ def test_widths_straddling_a_regime_boundary_are_priced_on_the_right_side():
     # a depthwise conv off its step costs about 3x the next multiple
     assert price(90, 90, 90) == pytest.approx(3.0 * price(92, 92, 92), rel=0.05)
     assert price(92, 92, 92) < price(90, 90, 90)
+    # a grouped conv (8 groups) follows the input rule per group: 8 x 14 = 112 channels sit
+    # off the step of 4 per group, 8 x 16 = 128 on it
+    for c in (64, 128):
+        s = conv2d(c, c, 14, groups=8)
+        table.add(s, "none", 1.0, device.measure_layer(s))
+    s = conv2d(112, 112, 14, groups=8)
+    assert table.kernel_rules.off_fast_path(s)
+    assert not table.kernel_rules.off_fast_path(conv2d(128, 128, 14, groups=8))
+    grouped = table.lookup(s, policy="interpolate")
+    assert grouped == pytest.approx(device.layer_cost_ms(s), rel=0.05)
     # a rounding-up table without rules cannot see the input-channel cliff
     plain = ap.LatencyTable(table.device, alignment=8)
     for e in table:
         plain.add(e.spec, e.structure, e.density, e.sample)
     assert plain.lookup(conv2d(61, 64, 14), policy="interpolate") <= \
         plain.lookup(conv2d(64, 64, 14))
+    assert grouped > 1.2 * plain.lookup(s, policy="interpolate")  # nor the per-group rule
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from _latency_helpers import synthetic_conv1d
 
 import autoprune as ap
 from autoprune.latency import LatencyPredictor
@@ -20,8 +21,6 @@ from autoprune.latency._model import (
 )
 from autoprune.latency._sampler import PlanSampler
 from autoprune.plan import PruningPlan
-
-from _latency_helpers import synthetic_conv1d
 
 
 @pytest.fixture(scope="module")

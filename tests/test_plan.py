@@ -6,8 +6,15 @@ import pytest
 
 from autoprune.errors import CorruptFileError, InvalidPlanError
 from autoprune.plan import GroupPlan, PruningPlan
-from autoprune.types import keep_units
-from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
+from autoprune.types import (
+    Layer,
+    LayerSpec,
+    ModelSpec,
+    OpKind,
+    PrunableGroup,
+    Structure,
+    keep_units,
+)
 
 
 def _spec() -> ModelSpec:

@@ -10,11 +10,18 @@ import pandas as pd
 import pytest
 
 from autoprune.errors import InvalidInputError, InvalidPlanError, NotFittedError, TableMismatchError
-from autoprune.plan import GroupPlan, PruningPlan, random_plan
-from autoprune.types import keep_units
 from autoprune.latency import LatencyPredictor, accuracy_metrics
 from autoprune.latency._featurize import CompiledSpec as _Compiled
-from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
+from autoprune.plan import GroupPlan, PruningPlan, random_plan
+from autoprune.types import (
+    Layer,
+    LayerSpec,
+    ModelSpec,
+    OpKind,
+    PrunableGroup,
+    Structure,
+    keep_units,
+)
 
 
 # ------------------------------------------------------------------------------------------

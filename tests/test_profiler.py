@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _latency_helpers import CountingSynthetic, small_spec
 
 import autoprune as ap
-from autoprune.measure import ProtocolSettings
 from autoprune.latency._profile import (
     detect_alignment,
     enumerate_items,
@@ -26,9 +26,8 @@ from autoprune.latency._profile import (
     width_grid,
 )
 from autoprune.latency._table import LatencyTable
+from autoprune.measure import ProtocolSettings
 from autoprune.types import Structure
-
-from _latency_helpers import CountingSynthetic, small_spec
 
 QUICK = ProtocolSettings.quick()
 REPO = Path(__file__).resolve().parents[1]

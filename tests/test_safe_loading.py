@@ -267,8 +267,9 @@ def test_table_and_search_files_load_with_safe_readers(tmp_path: Path) -> None:
 
 
 def test_search_run_dir_files_load_with_safe_readers(tmp_path: Path) -> None:
-    import autoprune as ap
     from _latency_helpers import synthetic_conv1d
+
+    import autoprune as ap
 
     s = synthetic_conv1d()
     result = ap.search(s["model"], s["x"], device=s["backend"], n_trials=4, table=s["table"],

@@ -16,8 +16,8 @@ import autoprune as ap
 from autoprune.data import digits_loaders
 from autoprune.errors import InfeasibleBudgetError, InvalidInputError
 from autoprune.evaluators import ImportanceProxy, accuracy_evaluator
-from autoprune.measure import ProtocolSettings
 from autoprune.latency._model import TableLatencyModel
+from autoprune.measure import ProtocolSettings
 from autoprune.search import TRIAL_COLUMNS, SearchResult
 
 

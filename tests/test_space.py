@@ -17,9 +17,16 @@ from torch import nn
 
 from autoprune.errors import SearchSpaceError
 from autoprune.plan import GroupPlan, PruningPlan
-from autoprune.types import keep_units
 from autoprune.space import SearchSpace, list_presets
-from autoprune.types import Layer, LayerSpec, ModelSpec, OpKind, PrunableGroup, Structure
+from autoprune.types import (
+    Layer,
+    LayerSpec,
+    ModelSpec,
+    OpKind,
+    PrunableGroup,
+    Structure,
+    keep_units,
+)
 
 ALL = (Structure.NONE, Structure.CHANNEL, Structure.NM, Structure.UNSTRUCTURED)
 
@@ -27,8 +34,9 @@ ALL = (Structure.NONE, Structure.CHANNEL, Structure.NM, Structure.UNSTRUCTURED)
 def toy_spec() -> ModelSpec:
     """c1 (3->64) -> block blk: c2 (64->64, residual) -> c3 (64->48) -> pool -> fc (48->10)."""
     s = 16
-    conv = lambda cin, cout: LayerSpec(OpKind.CONV2D, cin, cout, (3, 3), (1, 1), (1, 1), (1, 1),
-                                       1, (s, s))
+    def conv(cin: int, cout: int) -> LayerSpec:
+        return LayerSpec(OpKind.CONV2D, cin, cout, (3, 3), (1, 1), (1, 1), (1, 1), 1, (s, s))
+
     layers = {
         "c1": Layer("c1", conv(3, 64), ((None, 3),), (("c1", 64),)),
         "c2": Layer("c2", conv(64, 64), (("c1", 64),), (("c1", 64),), block="blk"),
@@ -219,9 +227,9 @@ def test_nm_only_group_can_stay_dense():
 def test_presets_load_on_the_models_they_are_for():
     """resnet/mobilenet/vit presets on analysed torchvision models (32x32 inputs): their group
     patterns match and their bounds apply."""
-    import autoprune as ap
     from torchvision.models.vision_transformer import VisionTransformer
 
+    import autoprune as ap
     from autoprune.zoo import torchvision_model
 
     x = torch.randn(1, 3, 32, 32)

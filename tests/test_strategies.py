@@ -9,6 +9,7 @@ import math
 import optuna
 import pytest
 import torch
+from test_space import FakeTable, ToyNet, toy_latency, toy_spec
 
 from autoprune.errors import InvalidInputError, UnknownNameError
 from autoprune.evaluators import ImportanceProxy
@@ -17,8 +18,6 @@ from autoprune.storage import make_storage
 from autoprune.strategies import SearchProblem, get_strategy, list_strategies
 from autoprune.strategies.greedy import greedy_path, greedy_plan, uniform_plan
 from autoprune.strategies.optuna_strategy import OptunaStrategy
-
-from test_space import FakeTable, ToyNet, toy_latency, toy_spec
 
 
 def _problem(tmp_path, proxy=None, budget_ratio: float = 0.6, name: str = "s") -> SearchProblem:

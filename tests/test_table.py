@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+from _latency_helpers import conv2d
 
 import autoprune as ap
 from autoprune.errors import (
@@ -17,8 +18,6 @@ from autoprune.errors import (
 )
 from autoprune.latency._table import COLUMNS, LatencyTable
 from autoprune.types import LatencySample, LayerSpec, OpKind, Structure
-
-from _latency_helpers import conv2d
 
 
 def _table(backend, widths=(16, 32, 48, 64), cins=(16, 32, 64)) -> LatencyTable:

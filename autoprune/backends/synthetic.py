@@ -8,8 +8,8 @@ like ONNX Runtime on an AVX-512 CPU::
            ns_per_elem * 1e-6 * activation elements (out rounded up)
 
 (nm layers cost ``nm_speedup`` times the dense MAC term when ``accelerate_nm``). Kernel
-regimes like ONNX Runtime's on an AVX2 CPU: a 2-D conv whose input channels are off a
-multiple of ``in_step`` costs ``in_penalty`` times more, a depthwise conv whose channels are
+regimes like ONNX Runtime's on an AVX2 CPU: a 2-D conv whose input channels (per group, for a
+grouped conv) are off a multiple of ``in_step`` costs ``in_penalty`` times more, a depthwise conv whose channels are
 off a multiple of ``dw_step`` ``dw_penalty`` times more (defaults 1: no regimes).
 
 A whole model costs the sum of its layers (found by ``autoprune.analyze``; masked layers use
@@ -144,9 +144,10 @@ class SyntheticBackend(Backend):
         cost = self.layer_overhead_ms + mac_ms + self.ns_per_elem * 1e-6 * eff.activation_elems
         if spec.op == OpKind.DWCONV2D and spec.out_channels % self.dw_step:
             cost *= self.dw_penalty
-        elif (spec.op == OpKind.CONV2D and spec.groups == 1 and spec.in_channels > self.in_step
-              and spec.in_channels % self.in_step):
-            cost *= self.in_penalty
+        elif spec.op == OpKind.CONV2D:
+            per_group = spec.in_channels // max(1, spec.groups)  # grouped: the rule per group
+            if per_group > self.in_step and per_group % self.in_step:
+                cost *= self.in_penalty
         return cost
 
     def model_cost_ms(self, model: nn.Module, example_inputs: Any) -> float:

@@ -52,8 +52,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from autoprune.plan import PruningPlan
     from autoprune.latency._predictor import LatencyPredictor
+    from autoprune.plan import PruningPlan
 
     if args.predictor is not None:
         table = None

@@ -111,7 +111,7 @@ class LatencyPredictor:
         *,
         monotone: bool = True,
         holdout: float = 0.25,
-        n_samples: int = 64,
+        n_samples: int = 48,
         miss_policy: MissPolicy = "interpolate",
         random_state: int = 0,
         active: bool = False,
@@ -221,7 +221,7 @@ class LatencyPredictor:
         or CSV written by ``save``) to fit on instead of measuring. ``data_path``: CSV to keep
         the measured plans in (default: beside the table, if the table has a directory; an
         existing file there for the same model is resumed, only missing plans are measured).
-        Before measuring, an upper estimate of the campaign's time is printed (``progress``)
+        Before measuring, a rough estimate of the campaign's time is printed (``progress``)
         and kept in ``estimated_seconds_``.
         """
         import pandas as pd
@@ -274,8 +274,8 @@ class LatencyPredictor:
 
                     tqdm.write(f"[autoprune] fitting the latency predictor of "
                                f"{spec.model_name}: {len(todo)} plans to measure on "
-                               f"{getattr(backend, 'name', 'the backend')}, at most "
-                               f"~{self.estimated_seconds_:.0f} s")
+                               f"{getattr(backend, 'name', 'the backend')}, about "
+                               f"{self.estimated_seconds_:.0f} s (the progress bar refines it)")
                 new = self._campaign(todo, model, example_inputs, backend, progress,
                                      first_chunk=next_chunk(rows), existing=rows)
                 rows = pd.concat([rows, new], ignore_index=True) if len(rows) else new

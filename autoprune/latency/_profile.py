@@ -27,11 +27,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from autoprune.errors import InvalidInputError, TableMismatchError
-from autoprune.measure import ProtocolSettings
-from autoprune.types import keep_units
-from autoprune.latency._rules import SWEEP_PROTOCOL, KernelRules, cached_kernel_rules
+from autoprune.latency._rules import (
+    SWEEP_PROTOCOL,
+    KernelRules,
+    cached_kernel_rules,
+    staircase_rss,
+)
 from autoprune.latency._table import LatencyTable, entry_key
-from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure
+from autoprune.measure import ProtocolSettings
+from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure, keep_units
 
 if TYPE_CHECKING:
     from torch import nn
@@ -80,17 +84,8 @@ def fit_alignment(widths: Sequence[int], latency_ms: Sequence[float],
     residuals only rank noise, and the step is 1.
     Returns (step, {step: residual sum of squares}).
     """
-    w = np.asarray(widths, dtype=float)
     y = np.asarray(latency_ms, dtype=float)
-    rss: dict[int, float] = {}
-    for a in candidates:
-        x = np.ceil(w / a) * a
-        design = np.stack([np.ones_like(x), x], axis=1)
-        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-        if coef[1] <= 0:  # latency must grow with width
-            rss[int(a)] = float("inf")
-            continue
-        rss[int(a)] = float(((design @ coef - y) ** 2).sum())
+    rss = staircase_rss(widths, latency_ms, candidates)
     finite = {a: r for a, r in rss.items() if math.isfinite(r)}
     if not finite:
         return 1, rss
@@ -260,6 +255,14 @@ def _off_path_pairs(spec: LayerSpec, ins: list[int], outs: list[int],
     if spec.op == OpKind.CONV2D and spec.groups == 1 and rules.in_step > 1 and len(ins) > 1:
         co = outs[len(outs) // 2]
         return [(ci - 1, co) for ci in ins[1:] if ci > rules.in_step and ci % rules.in_step == 0]
+    if spec.op == OpKind.CONV2D and spec.groups > 1 and rules.in_step > 1 and len(ins) > 1:
+        g = spec.groups  # one channel less per group: the per-group width leaves the step
+        out = []
+        for ci, co in zip(ins[1:], outs[1:] if len(outs) == len(ins) else [outs[-1]] * len(ins)):
+            if ci % g or co % g or (ci // g) <= rules.in_step or (ci // g) % rules.in_step:
+                continue
+            out.append((ci - g, co - g if co == ci else co))
+        return out
     return []
 
 

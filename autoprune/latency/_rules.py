@@ -6,10 +6,10 @@ EPYC VM (``benchmarks/bench_rules.py``; 3x3 conv at 28², BENCHMARKS.md "Kernel 
 * **output channels** step in blocks (57–64 outputs cost the same): a staircase, priced by
   rounding the output width *up* to ``out_step``;
 * **input channels** off a multiple of ``in_step`` (4 there) run another kernel path and cost
-  *more* than the next multiple (61 in: 0.95 ms, 64 in: 0.74 ms): priced at the next multiple
-  times ``in_penalty``;
-* **depthwise channels** off a multiple of ``dw_step`` (4 there) cost about 3x the next
-  multiple: ``dw_penalty``.
+  *more* than the next multiple (61 in: 0.95 ms, 64 in: 0.74 ms): priced as the fast path at
+  the same width times ``in_penalty``;
+* **depthwise channels** off a multiple of ``dw_step`` (4 there) cost about 3x the fast path:
+  ``dw_penalty``.
 
 These are properties of the device and runtime, not of a model, so they are detected once per
 device with fixed sweep layers (``detect_kernel_rules``), recorded with every table of that
@@ -69,24 +69,34 @@ class KernelRules:
 
     # -- pricing rules -----------------------------------------------------------------------
     def effective(self, spec: LayerSpec) -> tuple[int, int, float]:
-        """(in width, out width, cost factor) a layer is priced at: widths rounded up to the
-        next fast width, times the penalty of the slow path it takes (1.0 on the fast path).
+        """(in width, out width, cost factor) a layer is priced at: the output width rounded up
+        to the staircase step, and a factor > 1 for the slow path a width off an input or
+        depthwise step takes (1.0 on the fast path). The factor multiplies the fast-path cost
+        *at the same widths* (what ``fit_penalty`` measures it against).
 
         Only 2-D convolutions have input and depthwise rules (what the sweep measures); every
-        layer gets the output staircase.
+        layer gets the output staircase. A grouped (not depthwise) 2-D conv follows the input
+        rule per group: a per-group width off a multiple of ``in_step`` takes the slow path
+        (RegNet's group-width-16 convs pruned to 14 per group); its widths are kept as they are
+        (rounding would break the division into groups).
         """
         ci, co = int(spec.in_channels), int(spec.out_channels)
+        g = int(spec.groups)
         if spec.op == OpKind.DWCONV2D:
-            c = _ceil(co, max(self.dw_step, self.out_step))
+            c = _ceil(co, self.out_step)
             off = self.dw_step > 1 and co % self.dw_step != 0
             return c, c, self.dw_penalty if off else 1.0
         if spec.op.is_depthwise:
             c = _ceil(co, self.out_step)
             return c, c, 1.0
+        if spec.op == OpKind.CONV2D and g > 1:
+            gi = ci // g
+            off = self.in_step > 1 and gi > self.in_step and gi % self.in_step != 0
+            return ci, co, self.in_penalty if off else 1.0
         co_eff = _ceil(co, self.out_step)
-        if spec.op == OpKind.CONV2D and spec.groups == 1 and self.in_step > 1 \
+        if spec.op == OpKind.CONV2D and self.in_step > 1 \
                 and ci > self.in_step and ci % self.in_step != 0:
-            return _ceil(ci, self.in_step), co_eff, self.in_penalty
+            return ci, co_eff, self.in_penalty
         return ci, co_eff, 1.0
 
     def off_fast_path(self, spec: LayerSpec) -> bool:
@@ -145,10 +155,10 @@ def _linear_rss(w: np.ndarray, y: np.ndarray) -> float:
     return float(((design @ coef - y) ** 2).sum())
 
 
-def fit_staircase(widths: Sequence[int], latency_ms: Sequence[float],
-                  candidates: Sequence[int] = STEP_CANDIDATES) -> tuple[int, dict[int, float]]:
-    """The step ``a`` of ``latency ≈ α + β·ceil(w/a)·a`` (1: no staircase) and every
-    candidate's residual sum of squares."""
+def staircase_rss(widths: Sequence[int], latency_ms: Sequence[float],
+                  candidates: Sequence[int] = STEP_CANDIDATES) -> dict[int, float]:
+    """Residual sum of squares of ``latency ≈ α + β·ceil(w/a)·a`` per candidate step ``a``
+    (inf where the fitted slope is not positive: latency must grow with width)."""
     w = np.asarray(widths, dtype=float)
     y = np.asarray(latency_ms, dtype=float)
     rss: dict[int, float] = {}
@@ -157,7 +167,16 @@ def fit_staircase(widths: Sequence[int], latency_ms: Sequence[float],
         design = np.stack([np.ones_like(x), x], axis=1)
         coef, *_ = np.linalg.lstsq(design, y, rcond=None)
         rss[int(a)] = float(((design @ coef - y) ** 2).sum()) if coef[1] > 0 else float("inf")
-    return _pick(rss, _linear_rss(w, y)), rss
+    return rss
+
+
+def fit_staircase(widths: Sequence[int], latency_ms: Sequence[float],
+                  candidates: Sequence[int] = STEP_CANDIDATES) -> tuple[int, dict[int, float]]:
+    """The step ``a`` of ``latency ≈ α + β·ceil(w/a)·a`` (1: no staircase) and every
+    candidate's residual sum of squares."""
+    rss = staircase_rss(widths, latency_ms, candidates)
+    w = np.asarray(widths, dtype=float)
+    return _pick(rss, _linear_rss(w, np.asarray(latency_ms, dtype=float))), rss
 
 
 def fit_penalty(widths: Sequence[int], latency_ms: Sequence[float],
