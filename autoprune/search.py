@@ -157,7 +157,7 @@ class SearchResult:
         if math.isfinite(self.user_budget_ms) and \
                 abs(self.user_budget_ms - self.budget_ms) > 1e-9 * self.budget_ms:
             ax.axvline(self.user_budget_ms, c="#8c1c13", ls="-",
-                       label=f"your budget {self.user_budget_ms:.3g} ms (measured)")
+                       label=f"your budget {self.user_budget_ms:.3g} ms")
         dense_x = self.dense_predicted_ms if math.isfinite(self.dense_predicted_ms) \
             else self.dense_latency_ms
         if math.isfinite(dense_x):

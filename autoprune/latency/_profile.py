@@ -2,16 +2,18 @@
 may choose, into a resumable ``LatencyTable``.
 
 1. The model is analysed (``autoprune.analyze``) unless a ``ModelSpec`` is given.
-2. The device's channel alignment (the latency staircase step) is detected with a short sweep of
-   one representative layer (``detect_alignment``) unless the table already records it.
+2. The device's kernel rules (``autoprune.latency._rules``: output staircase, input and depthwise
+   steps) come from the per-device cache, detected on first use, unless the table already has
+   an alignment; the table's alignment is theirs.
 3. Work items: each unique layer configuration (``LayerSpec`` with its fused ops) × the width
    grid of its input and output channels × the structures the backend accelerates for it.
    The width grid of a prunable dimension (``width_grid``) is, per group, the smallest width the
    search can keep (one alignment step), the widths at keep ratios 0.25, 0.5, 0.75 snapped to
    the alignment, and the full width (``widths="auto"``; "fine" uses 16 ratios, "full" only the
    dense width, a sequence gives the ratios). A fixed dimension keeps its width. Any width in
-   between is covered by ``LatencyTable.lookup(..., policy="interpolate")``: rounded up to the
-   alignment, then bilinear between the grid widths around it.
+   between is covered by ``LatencyTable.lookup(..., policy="interpolate")`` (the rules, then
+   bilinear between the grid widths around it); with rules, one entry just off the fast path
+   below each grid width of a rule-governed axis prices that layer's own slow path.
 4. Entries already in the table for this device are skipped; the rest are measured in chunks,
    interleaved round-robin within a chunk, and the table is saved atomically after every chunk,
    so a killed run loses at most the chunk in flight and a rerun measures only what is missing.
@@ -28,13 +30,11 @@ import numpy as np
 
 from autoprune.errors import InvalidInputError, TableMismatchError
 from autoprune.latency._rules import (
-    SWEEP_PROTOCOL,
     KernelRules,
     cached_kernel_rules,
     staircase_rss,
 )
 from autoprune.latency._table import LatencyTable, entry_key
-from autoprune.measure import ProtocolSettings
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure, keep_units
 
 if TYPE_CHECKING:
@@ -94,56 +94,6 @@ def fit_alignment(widths: Sequence[int], latency_ms: Sequence[float],
     if tss <= 0 or finite[best] > (1.0 - min_r2) * tss:
         return 1, rss
     return best, rss
-
-
-def detect_alignment(
-    backend: Backend,
-    layer: LayerSpec | None = None,
-    spec: ModelSpec | None = None,
-    candidates: Sequence[int] = ALIGNMENT_CANDIDATES,
-    max_width: int | None = None,
-    protocol: ProtocolSettings | None = SWEEP_PROTOCOL,
-    return_sweep: bool = False,
-) -> int | tuple[int, dict[str, Any]]:
-    """Detect the device's output-channel step with a short sweep of one layer.
-
-    The representative layer (``layer``, else from ``spec``, see ``representative_layer``) is
-    measured at every output width 1..``max_width`` (default 3 × the largest candidate),
-    interleaved, and ``fit_alignment`` picks the step. The step is never below the backend's
-    ``min_alignment`` (if it has one: a GPU's small-layer sweep is launch-bound and flat, yet its
-    tensor-core kernels need multiples of 8 fp16 channels). With ``return_sweep`` also returns
-    the sweep (widths, medians, residuals, fitted step and floor) that the table records.
-    """
-    layer = layer or representative_layer(spec)
-    top = max_width or 3 * max(candidates)
-    widths = list(range(1, top + 1))
-    items: list[WorkItem] = [(layer.with_channels(layer.in_channels, w), Structure.NONE, 1.0)
-                             for w in widths]
-    if layer.op.is_depthwise:
-        items = [(layer.with_channels(w, w), Structure.NONE, 1.0) for w in widths]
-    old = backend.protocol
-    if protocol is not None:
-        backend.protocol = protocol
-    try:
-        samples = backend.measure_layers(items)
-    finally:
-        backend.protocol = old
-    med = [s.median_ms for s in samples]
-    fitted, rss = fit_alignment(widths, med, candidates)
-    floor = int(getattr(backend, "min_alignment", 1) or 1)
-    step = max(fitted, floor)
-    if not return_sweep:
-        return step
-    sweep = {
-        "layer": layer.to_dict(),
-        "widths": widths,
-        "median_ms": [round(m, 6) for m in med],
-        "rss": {str(k): v for k, v in rss.items()},
-        "fitted_alignment": fitted,
-        "min_alignment": floor,
-        "alignment": step,
-    }
-    return step, sweep
 
 
 # --------------------------------------------------------------------------------------------
