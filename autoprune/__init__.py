@@ -7,8 +7,6 @@ first use, so ``import autoprune`` is cheap and does no work.
 from __future__ import annotations
 
 import importlib
-import sys as _sys
-import types as _pytypes  # not "types": autoprune.types would shadow it in this namespace
 from typing import Any
 
 __version__ = "0.1.0"
@@ -27,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     "PruningPlan": "autoprune.plan",
     "GroupPlan": "autoprune.plan",
     # stages
-    "analyze": "autoprune.analyze",
+    "analyze": "autoprune._analyze",
     "apply_plan": "autoprune.executor",
     "get_backend": "autoprune.backends",
     "list_backends": "autoprune.backends",
@@ -35,19 +33,19 @@ _EXPORTS: dict[str, str] = {
     "LatencyTable": "autoprune.latency",
     "LatencyPredictor": "autoprune.latency",
     "SearchSpace": "autoprune.space",
-    "search": "autoprune.search",
-    "SearchResult": "autoprune.search",
+    "search": "autoprune._search",
+    "SearchResult": "autoprune._search",
     "accuracy_evaluator": "autoprune.evaluators",
     "agreement_evaluator": "autoprune.evaluators",
-    "finetune": "autoprune.finetune",
+    "finetune": "autoprune._finetune",
     "run_pipeline": "autoprune.pipeline",
     "verify": "autoprune.export",
     "export_onnx": "autoprune.export",
     "export_tensorrt": "autoprune.export",
     "PipelineReport": "autoprune.pipeline",
-    "FinetuneResult": "autoprune.finetune",
-    "GradualSchedule": "autoprune.finetune",
-    "PruningCallback": "autoprune.finetune",
+    "FinetuneResult": "autoprune._finetune",
+    "GradualSchedule": "autoprune._finetune",
+    "PruningCallback": "autoprune._finetune",
     "make_storage": "autoprune.storage",
     "errors": "autoprune.errors",
 }
@@ -67,22 +65,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _PackageModule(_pytypes.ModuleType):
-    """Keeps ``autoprune.analyze`` / ``autoprune.search`` the functions even after their
-    submodules of the same name were imported (which sets the package attribute to the module
-    and would otherwise make ``ap.analyze(...)`` fail with "'module' object is not callable")."""
-
-    def __getattribute__(self, name: str) -> Any:
-        value = super().__getattribute__(name)
-        if (
-            isinstance(value, _pytypes.ModuleType)
-            and name != "errors"
-            and _EXPORTS.get(name) == f"{__name__}.{name}"
-        ):
-            return getattr(value, name)
-        return value
-
-
-_sys.modules[__name__].__class__ = _PackageModule

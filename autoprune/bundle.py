@@ -95,7 +95,7 @@ def export_bundle(
             f"{out} exists and is not an autoprune bundle; choose an empty or new directory"
         )
     if spec is None:
-        from autoprune.analyze import analyze
+        from autoprune._analyze import analyze
 
         spec = analyze(model, as_input_tuple(example_inputs))
     protocol = protocol or ProtocolSettings()

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoprune._analyze import analyze
 from autoprune._tpglue import _build_dg, _prune_channels, normalize_inputs
-from autoprune.analyze import analyze
 from autoprune.errors import InvalidInputError
 from autoprune.importance import Importance, get_importance
 from autoprune.masks import nm_mask, set_mask, unstructured_mask

@@ -242,7 +242,7 @@ def _accuracy(model: nn.Module, loader: Iterable[Any] | None,
         return float(evaluator(copy.deepcopy(model)))
     if loader is None:
         return None
-    from autoprune.finetune import evaluate_accuracy
+    from autoprune._finetune import evaluate_accuracy
 
     return evaluate_accuracy(model, loader, device)
 
@@ -304,7 +304,7 @@ def run_pipeline(
     Budget.of(latency_budget_ms, budget_fraction, budget_headroom)  # the one validation
     if finetune_epochs > 0 and train_loader is None:
         raise InvalidInputError("fine-tuning needs train_loader (or pass finetune_epochs=0)")
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.executor import apply_plan
     from autoprune.io import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -400,7 +400,7 @@ def run_pipeline(
         stop()
         # search
         stop = timed(Step.SEARCH)
-        from autoprune.search import search
+        from autoprune._search import search
 
         if search_evaluator is None and val_loader is not None:
             from autoprune.evaluators import accuracy_evaluator
@@ -498,7 +498,7 @@ def run_pipeline(
         atomic_torch_save(pruned.state_dict(), weights_path)
         state.complete(Step.FINETUNE)
     else:
-        from autoprune.finetune import finetune
+        from autoprune._finetune import finetune
 
         say(f"fine-tuning {finetune_epochs} epoch(s)"
             + (" with the dense model as teacher" if distill else ""))

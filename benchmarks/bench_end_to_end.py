@@ -78,7 +78,7 @@ def example_input(name: str, size: int) -> torch.Tensor:
 
 def dense_model(name: str, size: int, work: Path, epochs: int, device: str = "cpu") -> nn.Module:
     """Train (once; cached in ``work``) the dense model with seed 0."""
-    from autoprune.finetune import finetune
+    from autoprune._finetune import finetune
     from autoprune.io import atomic_torch_save, safe_torch_load
 
     path = work / f"dense_{name}_{size}.pt"
@@ -164,13 +164,13 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
     take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
     so all methods face the same criterion). Table and predictor are built once per model."""
+    from autoprune._search import search
     from autoprune.evaluators import accuracy_evaluator
     from autoprune.executor import apply_plan
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
     from autoprune.pipeline import _select_by_ratio
     from autoprune.plan import PruningPlan
-    from autoprune.search import search
 
     if "predictor" not in cache:
         t0 = time.perf_counter()
@@ -257,9 +257,9 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
 
 # --- main -----------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> None:
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
+    from autoprune._finetune import evaluate_accuracy, finetune
     from autoprune.backends import get_backend
-    from autoprune.finetune import evaluate_accuracy, finetune
 
     torch.set_num_threads(1)
     work = Path(args.work)

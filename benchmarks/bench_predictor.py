@@ -69,7 +69,7 @@ def _eval_plans(spec: Any, alignment: int, n_space: int, seed: int) -> list[tupl
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.executor import apply_plan
     from autoprune.latency import LatencyPredictor, accuracy_metrics, profile

@@ -38,7 +38,7 @@ def bench_model(name: str, threads: int, n_check: int, seed: int) -> dict[str, A
     import torchvision
 
     import autoprune as ap
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.latency._profile import detect_alignment, profile
     from autoprune.latency._table import LatencyTable
 

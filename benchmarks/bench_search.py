@@ -41,10 +41,10 @@ import pandas as pd
 import torch
 
 import autoprune as ap
+from autoprune._search import pareto_front
 from autoprune.data import digits_loaders
 from autoprune.evaluators import accuracy_evaluator
 from autoprune.latency._model import TableLatencyModel
-from autoprune.search import pareto_front
 from autoprune.zoo import torchvision_model
 
 STRATEGIES = ("tpe", "nsga2", "rl", "random", "greedy")

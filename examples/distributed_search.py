@@ -77,8 +77,8 @@ def _start_postgres(parent: Path) -> tuple[str, object]:
 
 def coordinator(args: argparse.Namespace) -> None:
     import autoprune as ap
+    from autoprune._finetune import finetune
     from autoprune.data import mnist1d_loaders
-    from autoprune.finetune import finetune
     from autoprune.io import atomic_torch_save, atomic_write_text
     from autoprune.zoo import conv1d_net
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 import autoprune as ap
+from autoprune._finetune import evaluate_accuracy, finetune
 from autoprune.data import mnist1d_loaders
 from autoprune.evaluators import accuracy_evaluator
 from autoprune.export import export_onnx, verify
-from autoprune.finetune import evaluate_accuracy, finetune
 from autoprune.zoo import conv1d_net
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import autoprune as ap
+from autoprune._finetune import evaluate_accuracy, finetune
 from autoprune.data import digits_loaders
-from autoprune.finetune import evaluate_accuracy, finetune
 from autoprune.io import atomic_torch_save, safe_torch_load
 from autoprune.zoo import torchvision_model
 

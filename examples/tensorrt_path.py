@@ -47,9 +47,9 @@ def main() -> int:
     import torch
 
     import autoprune as ap
+    from autoprune._finetune import finetune
     from autoprune.data import digits_loaders
     from autoprune.export import export_tensorrt, onnx_nm_report
-    from autoprune.finetune import finetune
     from autoprune.zoo import torchvision_model
 
     torch.manual_seed(0)

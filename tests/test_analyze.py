@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from autoprune import zoo
-from autoprune.analyze import analyze
+from autoprune._analyze import analyze
 from autoprune.errors import InvalidInputError, UnsupportedLayerError
 from autoprune.types import ModelSpec, OpKind, Structure
 
@@ -192,7 +192,7 @@ def test_shufflenet_channel_shuffle_is_traced_in_parts():
 def test_inputs_that_do_not_fit_the_model_are_an_input_error():
     with pytest.raises(InvalidInputError, match=r"example_inputs of shape \(1, 3, 40\)"):
         analyze(zoo.conv1d_net(), torch.randn(1, 3, 40))
-    from autoprune.analyze import build_graphs
+    from autoprune._analyze import build_graphs
 
     with pytest.raises(InvalidInputError, match=r"\(1, 32\)"):
         build_graphs(zoo.mlp(), (torch.randn(1, 32),))

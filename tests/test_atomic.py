@@ -273,7 +273,7 @@ def _ft_model():  # noqa: ANN202
 
 
 def _run_finetune(ckpt_dir: Path, marker: Path | None, sleep_s: float):  # noqa: ANN202
-    from autoprune.finetune import finetune
+    from autoprune._finetune import finetune
 
     return finetune(_ft_model(), _SlowLoader(marker, sleep_s), epochs=FT_EPOCHS, lr=0.05,
                     checkpoint_dir=ckpt_dir, progress=False)

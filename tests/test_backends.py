@@ -153,8 +153,8 @@ def test_synthetic_staircase_and_noise():
 
 
 def test_synthetic_model_cost_is_layer_sum_plus_whole_model_term():
-    pytest.importorskip("autoprune.analyze")
-    from autoprune.analyze import analyze
+    pytest.importorskip("autoprune._analyze")
+    from autoprune._analyze import analyze
 
     b = ap.get_backend("synthetic", alignment=8, noise=0.0, model_overhead_ms=0.5,
                        cache_mb=0.0, cache_penalty_ms_per_mb=1.0)
@@ -184,13 +184,15 @@ def test_torch_cuda_measures_and_2to4_linear():  # pragma: no cover - needs a GP
     assert graphs.measure_layer(conv2d(64, 64, 16)).median_ms > 0
 
 
-def test_public_functions_survive_import_of_same_named_submodules():
-    # `import autoprune.analyze` (done by the profiler) sets the package attribute to the
-    # module; ap.analyze / ap.search must stay the functions the README calls
+def test_public_functions_survive_import_of_their_modules():
+    # the implementation modules are private, so importing them never rebinds ap.analyze /
+    # ap.search to a module: they stay the functions the README calls
     import importlib
 
-    importlib.import_module("autoprune.analyze")
-    importlib.import_module("autoprune.search")
+    importlib.import_module("autoprune._analyze")
+    importlib.import_module("autoprune._search")
+    importlib.import_module("autoprune._finetune")
+    assert callable(ap.finetune) and ap.finetune.__name__ == "finetune"
     assert callable(ap.analyze) and ap.analyze.__name__ == "analyze"
     assert callable(ap.search) and ap.search.__name__ == "search"
     assert ap.errors.TableMissError is not None  # the errors module stays a module

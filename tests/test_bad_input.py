@@ -160,7 +160,7 @@ def test_truncated_table_sidecar_names_the_file(setup, tmp_path: Path) -> None:
 
 
 def test_corrupt_search_result_files_name_the_file(setup, tmp_path: Path) -> None:
-    from autoprune.search import SearchResult
+    from autoprune._search import SearchResult
 
     result = _search(setup, tmp_path, n_trials=3)
     d = result.run_dir
@@ -174,7 +174,7 @@ def test_corrupt_search_result_files_name_the_file(setup, tmp_path: Path) -> Non
 
 
 def test_corrupt_trials_csv_names_the_file(setup, tmp_path: Path) -> None:
-    from autoprune.search import SearchResult
+    from autoprune._search import SearchResult
 
     d = _search(setup, tmp_path, n_trials=3).run_dir
     (d / "trials.csv").write_text('trial,proxy\n1,"unterminated\n2,0.5,extra,extra\n')
@@ -207,7 +207,7 @@ def test_corrupt_study_journal_names_the_file(tmp_path: Path) -> None:
 def test_truncated_finetune_checkpoint_names_the_file(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autoprune.finetune import finetune
+    from autoprune._finetune import finetune
 
     loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 10, (16,))),
                         batch_size=8)
@@ -223,7 +223,7 @@ def test_truncated_finetune_checkpoint_names_the_file(tmp_path: Path) -> None:
 def test_checkpoint_of_another_model_is_an_autoprune_error(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autoprune.finetune import finetune
+    from autoprune._finetune import finetune
 
     loader = DataLoader(TensorDataset(torch.randn(16, 8), torch.randint(0, 10, (16,))),
                         batch_size=8)

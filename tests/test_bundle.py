@@ -84,7 +84,7 @@ def test_bundle_round_trip_with_sweep(tmp_path, tmp_tables):
 
 
 def test_bundle_with_known_alignment_and_cli(tmp_path, tmp_tables, capsys):
-    pytest.importorskip("autoprune.analyze")
+    pytest.importorskip("autoprune._analyze")
     from autoprune.cli import main
 
     out = tmp_path / "cb"

@@ -60,7 +60,7 @@ def search_setup():  # noqa: ANN201
     worker (and the test) builds identically."""
     import torch
 
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.latency._profile import profile
     from autoprune.zoo import conv1d_net
@@ -177,7 +177,7 @@ def test_autoprune_search_workers_survive_a_sigkill_mid_trial(postgres, tmp_path
     """Three ``search`` calls share one study on PostgreSQL; one is SIGKILLed mid-trial."""
     import optuna
 
-    from autoprune.search import pareto_front, trials_frame
+    from autoprune._search import pareto_front, trials_frame
     from autoprune.storage import make_storage
 
     warnings.filterwarnings("ignore")

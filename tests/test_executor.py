@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from autoprune import masks, zoo
-from autoprune.analyze import analyze
+from autoprune._analyze import analyze
 from autoprune.errors import InvalidInputError, InvalidPlanError, UnknownNameError
 from autoprune.executor import apply_plan
 from autoprune.importance import Importance, MagnitudeImportance, get_importance

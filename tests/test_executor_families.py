@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from autoprune import masks, zoo
-from autoprune.analyze import analyze
+from autoprune._analyze import analyze
 from autoprune.executor import apply_plan
 from autoprune.plan import PruningPlan, random_plan
 from autoprune.types import Structure

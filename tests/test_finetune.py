@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoprune.errors import InvalidInputError
-from autoprune.finetune import (
+from autoprune._finetune import (
     GradualSchedule,
     PruningCallback,
     _set_mask,
@@ -20,6 +19,7 @@ from autoprune.finetune import (
     evaluate_accuracy,
     finetune,
 )
+from autoprune.errors import InvalidInputError
 
 
 def _net() -> nn.Sequential:
@@ -51,7 +51,7 @@ def _is_nm(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 def _install_masks(model: nn.Sequential) -> None:
     conv, lin = model[3], model[8]
     # 2:4 along the inputs of conv 2, 70% unstructured on the classifier
-    from autoprune.finetune import _magnitude_mask, _nm_mask
+    from autoprune._finetune import _magnitude_mask, _nm_mask
 
     _set_mask(model, "3", _nm_mask(conv.weight.detach(), 2, 4))
     _set_mask(model, "8", _magnitude_mask(lin.weight.detach(), 0.7))

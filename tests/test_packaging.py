@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_a_non_editable_install_finds_the_presets(tmp_path):
+    # build from a copy of the sources: an in-tree build leaves build/ behind in the checkout,
+    # whose stale files a later build would package
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copytree(ROOT / "autoprune", src / "autoprune",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-compile", "--target", str(target), str(ROOT)],
+         "--no-compile", "--target", str(target), str(src)],
         check=True, cwd=tmp_path, capture_output=True, timeout=300,
     )
     code = ("import autoprune, autoprune.space as s; "

@@ -23,8 +23,8 @@ def _cnn() -> nn.Sequential:
 
 @pytest.fixture(scope="module")
 def trained():
+    from autoprune._finetune import finetune
     from autoprune.data import digits_tensors
-    from autoprune.finetune import finetune
 
     torch.manual_seed(0)
     train, test = digits_tensors(size=32, channels=3)
@@ -106,7 +106,7 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
 
 
 def test_pipeline_with_given_plan_skips_search(trained, tmp_path):
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.pipeline import run_pipeline
     from autoprune.plan import PruningPlan
 

@@ -120,7 +120,7 @@ def test_profile_twice_measures_nothing_the_second_time(tmp_tables):
 
 
 def test_profile_resnet18_twice_on_real_cpu(tmp_tables):
-    pytest.importorskip("autoprune.analyze")
+    pytest.importorskip("autoprune._analyze")
     import torchvision
 
     model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
@@ -133,7 +133,7 @@ def test_profile_resnet18_twice_on_real_cpu(tmp_tables):
     b.measure_layers = lambda items: calls.append(list(items)) or orig(items)  # type: ignore
     t2 = profile(model, x, b, root=tmp_tables, widths="full", progress=False)
     assert calls == [] and len(t2) == len(t1)
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
 
     spec = analyze(model, x)
     for lay in spec.layers.values():  # every dense layer of the model is in the table
@@ -168,7 +168,7 @@ def _rows(csv_path: Path) -> list[str]:
 
 
 def test_sigkill_midway_then_resume_loses_nothing_and_duplicates_nothing(tmp_tables):
-    pytest.importorskip("autoprune.analyze")
+    pytest.importorskip("autoprune._analyze")
     n_target = 40
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(tmp_tables), str(n_target)],
@@ -211,7 +211,7 @@ def test_sigkill_midway_then_resume_loses_nothing_and_duplicates_nothing(tmp_tab
 
 
 def test_cli_profile(tmp_tables, capsys):
-    pytest.importorskip("autoprune.analyze")
+    pytest.importorskip("autoprune._analyze")
     from autoprune.cli import main
 
     rc = main(["profile", "--model", "autoprune.zoo:conv1d_net", "--input-shape", "1,1,40",

@@ -235,7 +235,7 @@ def test_plan_and_weights_files_load_with_safe_readers(tmp_path: Path) -> None:
 def test_finetune_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autoprune.finetune import finetune
+    from autoprune._finetune import finetune
     from autoprune.zoo import mlp
 
     torch.manual_seed(0)
@@ -311,7 +311,7 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path: Path) ->
     # the fine-tuning resume path reads the same file through the same loader
     from torch.utils.data import DataLoader, TensorDataset
 
-    from autoprune.finetune import finetune
+    from autoprune._finetune import finetune
     from autoprune.zoo import mlp
 
     loader = DataLoader(TensorDataset(torch.randn(8, 8), torch.randint(0, 10, (8,))),
@@ -332,7 +332,7 @@ def test_yaml_and_json_cannot_carry_code(tmp_path: Path) -> None:
     payload = f"!!python/object/apply:pathlib.Path.touch [{str(marker)!r}]"
     space_yaml = tmp_path / "space.yaml"
     space_yaml.write_text(f"alignment: {payload}\n")
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.space import SearchSpace
     from autoprune.zoo import conv1d_net
 

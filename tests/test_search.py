@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import autoprune as ap
+from autoprune._search import TRIAL_COLUMNS, SearchResult
 from autoprune.data import digits_loaders
 from autoprune.errors import InfeasibleBudgetError, InvalidInputError
 from autoprune.evaluators import ImportanceProxy, accuracy_evaluator
 from autoprune.latency._model import TableLatencyModel
 from autoprune.measure import ProtocolSettings
-from autoprune.search import TRIAL_COLUMNS, SearchResult
 
 
 @pytest.fixture(scope="module")

@@ -201,8 +201,8 @@ def test_queued_retry_is_run_first_and_ask_tell_strategies_keep_their_plans(tmp_
 def test_plans_the_latency_model_cannot_price_fail_their_trial(tmp_path):
     """A table miss (or any predictor error) fails that trial with the reason; greedy treats
     such plans as infinitely slow; the search goes on."""
+    from autoprune._search import _latency_fn
     from autoprune.errors import TableMissError
-    from autoprune.search import _latency_fn
 
     spec = toy_spec()
     base = toy_latency(spec)

@@ -153,7 +153,7 @@ class SyntheticBackend(Backend):
     def model_cost_ms(self, model: nn.Module, example_inputs: Any) -> float:
         """Noise-free cost of a whole model: sum of its layers + the whole-model term."""
         try:
-            from autoprune.analyze import analyze
+            from autoprune._analyze import analyze
         except ImportError as e:
             raise BackendUnavailable(
                 "the synthetic backend's measure_model needs autoprune.analyze, which is not "

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> Any:
     import torch
 
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
     from autoprune.cli.common import load_model, make_backend, parse_shape
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile

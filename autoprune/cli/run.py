@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         if weights.exists():
             model.load_state_dict(safe_torch_load(weights))
         else:
-            from autoprune.finetune import finetune
+            from autoprune._finetune import finetune
 
             finetune(model, train_loader, epochs=args.pretrain_epochs, lr=args.lr * 5,
                      seed=args.seed, progress=not args.quiet)

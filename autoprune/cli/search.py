@@ -62,8 +62,8 @@ def main(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
+    from autoprune._search import _check_budget
     from autoprune.cli.common import load_model, make_backend, parse_shape
-    from autoprune.search import _check_budget
 
     _check_budget(args.budget_ms)  # fail on a bad budget before minutes of profiling
     model = load_model(args.model, args.model_kwargs, args.weights, num_classes=args.num_classes)
@@ -72,10 +72,10 @@ def main(args: argparse.Namespace) -> int:
     backend = make_backend(args)
     progress = not args.quiet
 
-    from autoprune.analyze import analyze
+    from autoprune._analyze import analyze
+    from autoprune._search import _run_stem, search
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
-    from autoprune.search import _run_stem, search
     from autoprune.strategies import get_strategy
 
     spec = analyze(model, x)

@@ -238,7 +238,7 @@ class LatencyPredictor:
                 raise InvalidInputError(
                     "fit needs spec= or model= and example_inputs= to analyse the model"
                 )
-            from autoprune.analyze import analyze
+            from autoprune._analyze import analyze
 
             spec = analyze(model, example_inputs)
         self._setup(spec, table, backend)

@@ -273,7 +273,7 @@ def profile(
             f"{', '.join(device.diff(table.device)) or 'device_id'})"
         )
     if spec is None:
-        from autoprune.analyze import analyze
+        from autoprune._analyze import analyze
         from autoprune.onnx_export import as_input_tuple
 
         spec = analyze(model, as_input_tuple(example_inputs))

@@ -29,9 +29,7 @@ import json
 import logging
 import math
 import re
-import sys
 import time
-import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -563,7 +561,7 @@ def search(
     device_name = getattr(backend, "name", "") or type(backend).__name__
     _check_table_device(table, backend)
     if spec is None:
-        from autoprune.analyze import analyze
+        from autoprune._analyze import analyze
 
         spec = analyze(model, example_inputs)
     if table is None and (predictor is None or isinstance(predictor, str) or space is None):
@@ -811,16 +809,3 @@ def _frow(tr: pd.DataFrame, n: int, role: str, plan: PruningPlan, measured: floa
         "chosen": bool(ok and not math.isfinite(measured)),
         "plan": plan.to_json(indent=None),
     }
-
-
-class _CallableModule(types.ModuleType):
-    """``autoprune.search`` is both this module and the ``search`` function: importing the
-    module (``from autoprune.search import SearchResult``) rebinds the package attribute
-    ``autoprune.search`` to the module, so the module forwards calls to the function and
-    ``autoprune.search(model, ...)`` works in either case."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SearchResult:
-        return search(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
