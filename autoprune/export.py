@@ -87,6 +87,25 @@ class VerifyReport:
             return None
         return self.predicted_ratio / self.ratio - 1.0
 
+    @property
+    def predicted_now_ms(self) -> float | None:
+        """The prediction at the device's speed now: predicted share of dense x the dense
+        model measured in this run. A latency model predicts the device as it was when it was
+        fitted; this is the same prediction re-anchored to the dense model measured now, so a
+        machine that got faster or slower since moves both sides."""
+        if self.predicted_ratio is None or self.reference is None:
+            return None
+        return self.predicted_ratio * self.reference.median_ms
+
+    @property
+    def device_drift(self) -> float | None:
+        """Dense measured now / dense as the latency model predicts it, minus 1: how much the
+        device's speed moved since the model was fitted (the part of ``prediction_error``
+        that is not the model's)."""
+        if self.reference is None or not self.predicted_reference_ms:
+            return None
+        return self.reference.median_ms / self.predicted_reference_ms - 1.0
+
     def to_dict(self) -> dict[str, Any]:
         def sample(s: LatencySample | None) -> dict[str, float] | None:
             if s is None:
@@ -110,6 +129,8 @@ class VerifyReport:
             "predicted_reference_ms": self.predicted_reference_ms,
             "predicted_ratio": self.predicted_ratio,
             "ratio_prediction_error": self.ratio_prediction_error,
+            "predicted_now_ms": self.predicted_now_ms,
+            "device_drift": self.device_drift,
             "device": self.device,
         }
 
@@ -123,17 +144,37 @@ class VerifyReport:
                 f"  paired ratio  {self.ratio:.3f} ± {100 * rel:.1f}% (IQR) -> "
                 f"{self.paired_ms:.4g} ms, speed-up {self.speedup:.2f}x"
             )
-        if self.predicted_ms is not None:
-            lines.append(f"  predicted     {self.predicted_ms:.4g} ms "
-                         f"({100 * (self.prediction_error or 0):+.1f}% vs measured now)")
-        if self.ratio_prediction_error is not None:
-            lines.append(f"  as dense share predicted {self.predicted_ratio:.3f} vs measured "
-                         f"{self.ratio:.3f} ({100 * self.ratio_prediction_error:+.1f}%)")
+        lines += self.prediction_lines("  ")
         if self.budget_ms is not None:
             verdict = "MET" if self.budget_met else "NOT MET"
             lines.append(f"  budget        {self.budget_ms:.4g} ms: {verdict} "
                          f"({self.latency_ms:.4g} ms)")
         return "\n".join(lines)
+
+
+    def prediction_lines(self, indent: str = "", band: str = "") -> list[str]:
+        """The prediction against the measurement, for reports: at the device's speed now
+        (re-anchored to dense measured in this run) when a reference was measured, as the
+        share of dense, and as fitted (with the drift of the device's speed since)."""
+        if self.predicted_ms is None:
+            return []
+        out = []
+        now, err = self.predicted_now_ms, self.ratio_prediction_error
+        if now is not None and err is not None:
+            out.append(f"{indent}predicted     {now:.4g} ms at the device's speed now "
+                       f"({100 * err:+.1f}% vs measured {self.latency_ms:.4g} ms)")
+            out.append(f"{indent}  as dense share {self.predicted_ratio:.3f} predicted vs "
+                       f"{self.ratio:.3f} measured")
+        drift = self.device_drift
+        note = ""
+        if drift is not None and self.reference is not None:
+            note = (f"; dense {self.reference.median_ms:.4g} ms now vs "
+                    f"{self.predicted_reference_ms:.4g} ms predicted: the device's speed "
+                    f"moved {100 * drift:+.1f}%")
+        label = "  as fitted   " if now is not None else "predicted    "
+        out.append(f"{indent}{label} {self.predicted_ms:.4g} ms{band} "
+                   f"({100 * (self.prediction_error or 0):+.1f}% vs measured now{note})")
+        return out
 
 
 def _backend_of(backend: Any) -> Any:

@@ -116,3 +116,24 @@ def test_export_tensorrt_builds_engine(tmp_path):
     path = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
     engine = export_tensorrt(path, tmp_path / "m.plan", fp16=True, sparse_weights=True)
     assert engine.stat().st_size > 1000
+
+
+def test_verify_report_reanchors_the_prediction_to_dense_measured_now():
+    """A device 25% slower than when the latency model was fitted: the absolute prediction is
+    off by the drift, the re-anchored one by the model's own error on the share of dense."""
+    from autoprune.export import VerifyReport
+    from autoprune.measure import LatencySample
+
+    r = VerifyReport("ort", LatencySample(1.5, 0.1, 30, 1.4), predicted_ms=0.9,
+                     reference=LatencySample(4.0, 0.2, 30, 3.9), ratio=0.375,
+                     predicted_reference_ms=3.2)
+    assert r.device_drift == pytest.approx(0.25)
+    assert r.predicted_now_ms == pytest.approx(0.9 / 3.2 * 4.0)
+    assert r.predicted_now_ms / r.latency_ms - 1 == pytest.approx(r.ratio_prediction_error)
+    assert r.prediction_error == pytest.approx(0.9 / 1.5 - 1)
+    text = str(r)
+    assert "at the device's speed now" in text and "moved +25.0%" in text
+    assert r.to_dict()["predicted_now_ms"] == pytest.approx(r.predicted_now_ms)
+    bare = VerifyReport("ort", LatencySample(1.5, 0.1, 30, 1.4), predicted_ms=1.4)
+    assert bare.predicted_now_ms is None and bare.device_drift is None
+    assert "speed now" not in str(bare) and "1.4 ms" in str(bare)
