@@ -59,7 +59,7 @@ from autoprune.types import ModelSpec, Structure
 if TYPE_CHECKING:
     import pandas as pd
 
-RegressorName = Literal["auto", "scaled", "linear", "boosted", "gbr"]
+RegressorName = Literal["auto", "linear", "boosted", "gbr"]
 Statistic = Literal["median", "min"]
 MissPolicy = Literal["raise", "measure", "interpolate"]
 #: a prediction is never below this share of the plan's table sum (so never <= 0)
@@ -71,11 +71,9 @@ class LatencyPredictor:
 
     Parameters (stored as given; checked in :meth:`fit`):
 
-    regressor: ``"auto"`` (cross-validated choice among the allowed ones), ``"scaled"``
-        (the table sum times one factor), ``"linear"``, ``"boosted"`` or ``"gbr"`` (see
-        :class:`Regressor`).
-    monotone: allow only regressors monotone in every feature (``scaled``, ``linear``,
-        ``boosted``);
+    regressor: ``"auto"`` (cross-validated choice among the allowed ones), ``"linear"``,
+        ``"boosted"`` or ``"gbr"`` (see :class:`Regressor`).
+    monotone: allow only regressors monotone in every feature (``linear``, ``boosted``);
         ``regressor="gbr"`` with ``monotone=True`` is an error. (The table part itself is not
         monotone in width on devices with kernel rules, by design: there an unaligned width
         really is slower than the next aligned one.)
@@ -543,7 +541,7 @@ class LatencyPredictor:
         if reg != Regressor.AUTO:
             names = [reg.value]
         else:
-            names = ["scaled", "linear", "boosted"] + ([] if self.monotone else ["gbr"])
+            names = ["linear", "boosted"] + ([] if self.monotone else ["gbr"])
         folds = min(int(self.cv_folds), len(y))
         kf = KFold(n_splits=folds, shuffle=True, random_state=self.random_state)
         scores: dict[str, float] = {}

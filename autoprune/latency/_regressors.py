@@ -18,7 +18,6 @@ class Regressor(str, Enum):
     is; ``gbr`` is more flexible (it also sees misalignment features) but not monotone."""
 
     AUTO = "auto"  #: pick by k-fold cross-validation on the training plans
-    SCALED = "scaled"  #: the table sum times one fitted factor (the fallback the others must beat)
     LINEAR = "linear"  #: non-negative linear model of table sums per op kind, MACs, params, ...
     BOOSTED = "boosted"  #: ``linear`` + monotone-constrained gradient boosting on its residual
     GBR = "gbr"  #: gradient boosting of measured / table-sum ratio on all features
@@ -28,28 +27,8 @@ class Regressor(str, Enum):
 
     @property
     def monotone(self) -> bool:
-        return self in (Regressor.SCALED, Regressor.LINEAR, Regressor.BOOSTED)
+        return self in (Regressor.LINEAR, Regressor.BOOSTED)
 
-
-class _ScaledTable:
-    """``c x table sum`` with the one factor ``c`` that minimises the squared relative error.
-
-    It keeps every effect the table prices (kernel rules, slow paths) and corrects only a
-    whole-model scale (framework overhead, warm-cache micro-models), so it cannot learn a
-    spurious pattern from few plans; ``auto`` picks a richer model only when it beats this one
-    out of fold."""
-
-    def __init__(self, table_col: int) -> None:
-        self.table_col = table_col
-        self.factor = 1.0
-
-    def fit(self, x: np.ndarray, y: np.ndarray) -> _ScaledTable:
-        r = x[:, self.table_col] / y
-        self.factor = float(np.sum(r) / max(float(np.sum(r * r)), 1e-300))
-        return self
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.factor * x[:, self.table_col]
 
 
 class _LinearModel:
@@ -126,9 +105,7 @@ class _RatioGBR:
 
 
 def make_regressor(name: str, random_state: int, table_col: int) -> Any:
-    """A fresh, unfitted regressor by name (``scaled``, ``linear``, ``boosted``, ``gbr``)."""
-    if name == "scaled":
-        return _ScaledTable(table_col)
+    """A fresh, unfitted regressor by name (``linear``, ``boosted``, ``gbr``)."""
     if name == "linear":
         return _LinearModel()
     if name == "boosted":
