@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from autoprune import masks
 from autoprune._finetune import (
     GradualSchedule,
     PruningCallback,
-    _set_mask,
     cubic_sparsity,
     distillation_loss,
     evaluate_accuracy,
@@ -51,10 +51,9 @@ def _is_nm(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 def _install_masks(model: nn.Sequential) -> None:
     conv, lin = model[3], model[8]
     # 2:4 along the inputs of conv 2, 70% unstructured on the classifier
-    from autoprune._finetune import _magnitude_mask, _nm_mask
-
-    _set_mask(model, "3", _nm_mask(conv.weight.detach(), 2, 4))
-    _set_mask(model, "8", _magnitude_mask(lin.weight.detach(), 0.7))
+    masks.set_mask(model, "3.weight", masks.nm_mask(conv.weight.detach().abs(), 2, 4))
+    masks.set_mask(model, "8.weight", masks.unstructured_mask(lin.weight.detach().abs(),
+                                                              sparsity=0.7))
 
 
 def test_masks_survive_steps_and_save_load(tmp_path):
