@@ -338,7 +338,7 @@ class Rewind(Callback):
 
 class Checkpoint(Callback):
     """Write the run to ``directory/finetune_last.pt`` (atomically, rank 0 only) after every
-    epoch and at every phase change, and resume from it when it exists: weights and masks,
+    epoch, at the end of every phase and after a phase change, and resume from it when it exists: weights and masks,
     optimiser, ``TrainState``, every callback's ``state_dict()``, the torch RNG and the train
     loader's own generator. It must be the last callback (it saves what the others recorded).
     Resuming expects the same model, data and options; a checkpoint that does not fit raises
@@ -359,7 +359,8 @@ class Checkpoint(Callback):
             self.load(trainer)
 
     def on_phase_begin(self, trainer: Trainer) -> None:
-        self.save(trainer)
+        if trainer.state.phase != trainer.phases[0]:  # a phase change (the rewind) is saved
+            self.save(trainer)
 
     def on_epoch_end(self, trainer: Trainer | None = None) -> None:
         if trainer is not None:
