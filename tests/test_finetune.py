@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from autoprune import masks
 from autoprune._finetune import (
     GradualSchedule,
     PruningCallback,
-    _set_mask,
     cubic_sparsity,
     distillation_loss,
     evaluate_accuracy,
@@ -51,10 +51,9 @@ def _is_nm(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 def _install_masks(model: nn.Sequential) -> None:
     conv, lin = model[3], model[8]
     # 2:4 along the inputs of conv 2, 70% unstructured on the classifier
-    from autoprune._finetune import _magnitude_mask, _nm_mask
-
-    _set_mask(model, "3", _nm_mask(conv.weight.detach(), 2, 4))
-    _set_mask(model, "8", _magnitude_mask(lin.weight.detach(), 0.7))
+    masks.set_mask(model, "3.weight", masks.nm_mask(conv.weight.detach().abs(), 2, 4))
+    masks.set_mask(model, "8.weight", masks.unstructured_mask(lin.weight.detach().abs(),
+                                                              sparsity=0.7))
 
 
 def test_masks_survive_steps_and_save_load(tmp_path):
@@ -281,3 +280,305 @@ def test_two_process_gloo_ddp(tmp_path):
     torch.testing.assert_close(r0["w"], r1["w"])
     assert (r0["w"] == 0).sum().item() == round(0.7 * r0["w"].numel())
     assert (tmp_path / "finetune_last.pt").exists()
+
+
+# --- Trainer, callbacks, config, state -----------------------------------------------------
+
+from autoprune._finetune import (  # noqa: E402
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    FinetuneConfig,
+    GradualPruning,
+    MaskEnforcer,
+    Rewind,
+    Trainer,
+    TrainState,
+)
+from autoprune.errors import CorruptFileError  # noqa: E402
+
+
+class _Recorder(Callback):
+    """Records every hook with the phase and step it saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def _log(self, hook: str, trainer) -> None:  # noqa: ANN001
+        self.calls.append((hook, trainer.state.phase, trainer.state.step))
+
+    def on_train_begin(self, trainer=None):  # noqa: ANN001, ANN201
+        self._log("train_begin", trainer)
+
+    def on_phase_begin(self, trainer):  # noqa: ANN001, ANN201
+        self._log("phase_begin", trainer)
+
+    def on_step_end(self, trainer=None):  # noqa: ANN001, ANN201
+        self._log("step", trainer)
+
+    def on_epoch_end(self, trainer=None):  # noqa: ANN001, ANN201
+        self._log("epoch", trainer)
+
+    def on_phase_end(self, trainer):  # noqa: ANN001, ANN201
+        self._log("phase_end", trainer)
+
+    def on_train_end(self, trainer=None):  # noqa: ANN001, ANN201
+        self._log("train_end", trainer)
+
+
+def test_trainer_calls_callbacks_in_order():
+    rec = _Recorder()
+    cfg = FinetuneConfig(steps=12, lr=0.05, rewind=5, progress=False)
+    res = Trainer(_net(), _loader(), cfg, callbacks=[rec]).fit()  # 8 batches per epoch
+    train = ([("step", "train", s) for s in range(1, 9)] + [("epoch", "train", 8)]
+             + [("step", "train", s) for s in range(9, 13)] + [("epoch", "train", 12)])
+    rewind = ([("step", "rewind", s) for s in range(6, 13)] + [("epoch", "rewind", 12)])
+    assert rec.calls == (
+        [("train_begin", "train", 0), ("phase_begin", "train", 0)] + train
+        + [("phase_end", "train", 12), ("phase_begin", "rewind", 5)] + rewind
+        + [("phase_end", "rewind", 12), ("train_end", "rewind", 12)]
+    )
+    assert res.history[["phase", "epoch", "step"]].values.tolist() == [
+        ["train", 0, 8], ["train", 1, 12], ["rewind", 0, 12]]
+
+
+def test_builtin_callbacks_run_before_the_users_and_checkpoint_last(tmp_path):
+    cfg = FinetuneConfig(steps=2, checkpoint_dir=tmp_path, rewind=1, progress=False)
+    trainer = Trainer(_net(), _loader(), cfg, val_loader=_loader(n=32), callbacks=[_Recorder()])
+    trainer.fit()
+    assert [type(c).__name__ for c in trainer.callbacks] == [
+        "MaskEnforcer", "EarlyStopping", "Rewind", "_Recorder", "Checkpoint"]
+    with pytest.raises(InvalidInputError, match="one Checkpoint, as the last callback"):
+        Trainer(_net(), _loader(), cfg, callbacks=[Checkpoint(tmp_path / "b")]).fit()
+    with pytest.raises(InvalidInputError, match="one Checkpoint, as the last callback"):
+        Trainer(_net(), _loader(), FinetuneConfig(steps=2, progress=False),
+                callbacks=[Checkpoint(tmp_path / "c"), _Recorder()]).fit()
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"epochs": 0}, r"epochs must be an int >= 1.*got 0"),
+    ({"epochs": 2.5}, r"epochs must be an int"),
+    ({"steps": 0}, r"steps must be an int >= 1 or None, got 0"),
+    ({"lr": 0.0}, r"lr must be a finite number > 0, got 0.0"),
+    ({"lr": float("nan")}, r"lr must be a finite number > 0, got nan"),
+    ({"optimizer": "adam"}, r"unknown optimizer 'adam'; allowed: sgd, adamw"),
+    ({"weight_decay": -1e-4}, r"weight_decay must be a finite number >= 0"),
+    ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\), got 1.0"),
+    ({"warmup_steps": -1}, r"warmup_steps must be an int >= 0, got -1"),
+    ({"kd_temperature": 0}, r"kd_temperature must be a finite number > 0, got 0"),
+    ({"kd_weight": 2.0}, r"kd_weight must be a number in \[0, 1\], got 2.0"),
+    ({"early_stopping_patience": 0}, r"early_stopping_patience must be an int >= 1 or None"),
+    ({"restore_best": "yes"}, r"restore_best must be True or False, got 'yes'"),
+    ({"checkpoint_dir": 3}, r"checkpoint_dir must be a directory path"),
+    ({"gradual": {"target": {}}}, r"unknown gradual schedule keys \['target'\]"),
+    ({"gradual": {"update_every": 0}}, r"update_every must be an int >= 1, got 0"),
+    ({"gradual": [1, 2]}, r"gradual must be a GradualSchedule or a dict, got list"),
+    ({"rewind": -2}, r"rewind must be an int >= 0.*got -2"),
+    ({"bn_l1": -0.1}, r"bn_l1 must be a finite number >= 0, got -0.1"),
+    ({"device": "gpu7"}, r"device must be a torch device.*got 'gpu7'"),
+    ({"seed": "0"}, r"seed must be an int, got '0'"),
+    ({"progress": 1}, r"progress must be True or False, got 1"),
+])
+def test_config_rejects_bad_values_naming_them(options, match):
+    with pytest.raises(InvalidInputError, match=match):
+        FinetuneConfig(**options)
+
+
+def test_config_from_dict_and_defaults():
+    cfg = FinetuneConfig.from_dict({"steps": 5, "gradual": {"targets": {"8": 0.5}},
+                                    "checkpoint_dir": "ck"})
+    assert isinstance(cfg.gradual, GradualSchedule) and cfg.gradual.targets == {"8": 0.5}
+    assert str(cfg.checkpoint_dir) == "ck" and cfg.epochs == 3 and cfg.optimizer == "sgd"
+    with pytest.raises(InvalidInputError, match=r"unknown fine-tuning options \['lr_max'\]"):
+        FinetuneConfig.from_dict({"lr_max": 1.0})
+    # steps= makes epochs irrelevant, so epochs=0 is fine with it (as finetune always allowed)
+    assert FinetuneConfig(epochs=0, steps=3).steps == 3
+
+
+def test_train_state_round_trips_through_a_checkpoint_file(tmp_path):
+    from autoprune._finetune import EpochLog
+    from autoprune.io import atomic_torch_save, safe_torch_load
+
+    state = TrainState(phase="rewind", step=7, epoch=1, stop_requested=True, stopped_early=True,
+                       history=[EpochLog("train", 0, 4, 0.01, 1.5, None, 0.25),
+                                EpochLog("rewind", 0, 7, 0.002, 0.5, 0.75, 0.5)])
+    atomic_torch_save({"state": state.to_dict()}, tmp_path / "s.pt")
+    back = TrainState.from_dict(safe_torch_load(tmp_path / "s.pt")["state"])
+    assert back == state
+    with pytest.raises(InvalidInputError, match=r"lacks \['done'\]"):
+        TrainState.from_dict({k: v for k, v in state.to_dict().items() if k != "done"})
+    with pytest.raises(InvalidInputError, match="'step' is '7', not a int"):
+        TrainState.from_dict({**state.to_dict(), "step": "7"})
+
+
+class _Die(Callback):
+    """Raises after ``at`` optimiser steps in total (a crash in the middle of an epoch)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, 0
+
+    def on_step_end(self, trainer=None):  # noqa: ANN001, ANN201
+        self.seen += 1
+        if self.seen >= self.at:
+            raise _Interrupt
+
+
+def _full_run(tmp_path, die_at: int | None = None):  # noqa: ANN202
+    """Gradual 2:4 + 60% unstructured, rewinding to step 3, early-stopping bookkeeping, a
+    shuffled loader with its own generator: every piece of state a checkpoint must carry."""
+    torch.manual_seed(0)
+    model = _net()
+    loader = _loader(shuffle=True)
+    cfg = FinetuneConfig(steps=20, lr=0.05, rewind=3, checkpoint_dir=tmp_path, progress=False,
+                         gradual={"targets": {"3": (2, 4), "8": 0.6}, "update_every": 2,
+                                  "end_step": 10},
+                         early_stopping_patience=5)
+    extra = [_Die(die_at)] if die_at is not None else []
+    res = Trainer(model, loader, cfg, val_loader=_loader(n=64), callbacks=extra).fit()
+    return model, res
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path):
+    ref_model, ref = _full_run(tmp_path / "ref")
+    assert set(ref.history["phase"]) == {"train", "rewind"}
+    # 20 train steps, then 17 rewind steps: die inside the rewind phase's second epoch
+    with pytest.raises(_Interrupt):
+        _full_run(tmp_path / "ck", die_at=20 + 8 + 3)
+    model, res = _full_run(tmp_path / "ck")
+    assert res.resumed_from_step == 3 + 8  # the rewind phase's first epoch end
+    assert res.steps_run == ref.steps_run == 20
+    assert res.history.equals(ref.history)
+    assert (res.best_metric, res.best_step) == (ref.best_metric, ref.best_step)
+    for k, v in ref_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k, rtol=0, atol=0)
+    # and dying inside the train phase (while the schedule is still ramping) resumes too
+    with pytest.raises(_Interrupt):
+        _full_run(tmp_path / "ck2", die_at=11)
+    model2, res2 = _full_run(tmp_path / "ck2")
+    assert res2.resumed_from_step == 8
+    for k, v in ref_model.state_dict().items():
+        torch.testing.assert_close(model2.state_dict()[k], v, msg=k, rtol=0, atol=0)
+
+
+def test_checkpoint_of_other_callbacks_is_refused(tmp_path):
+    Trainer(_net(), _loader(), FinetuneConfig(steps=9, rewind=2, checkpoint_dir=tmp_path,
+                                              progress=False)).fit()
+    with pytest.raises(CorruptFileError, match=r"callbacks \['Rewind'\] this run does not"):
+        Trainer(_net(), _loader(), FinetuneConfig(steps=9, checkpoint_dir=tmp_path,
+                                                  progress=False)).fit()
+
+
+def test_own_loop_with_shipped_callbacks_matches_the_trainer():
+    """The same callbacks in a hand-written loop (same optimiser and LR formula) give the same
+    masks and weights as the built-in Trainer, bit for bit."""
+    sched = {"targets": {"3": (2, 4), "8": 0.7, "0": 0.5}, "update_every": 3, "end_step": 12}
+    steps, lr = 16, 0.05
+    torch.manual_seed(0)
+    init = _net().state_dict()
+
+    built = _net()
+    built.load_state_dict(init)
+    Trainer(built, _loader(), FinetuneConfig(steps=steps, lr=lr, gradual=sched,
+                                             progress=False)).fit()
+
+    own = _net()
+    own.load_state_dict(init)
+    opt = torch.optim.SGD(own.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
+                          nesterov=True)
+    pruning = GradualPruning(own, sched, total_steps=steps)
+    pruning.on_train_begin()
+    step = 0
+    while step < steps:
+        for x, y in _loader():
+            if step >= steps:
+                break
+            for g in opt.param_groups:  # the documented cosine decay
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            loss = F.cross_entropy(own(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            pruning.on_step_end()
+    got, want = masks.get_masks(own), masks.get_masks(built)
+    assert set(got) == set(want) == {"0.weight", "3.weight", "8.weight"}
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for k, v in built.state_dict().items():
+        torch.testing.assert_close(own.state_dict()[k], v, msg=k, rtol=0, atol=0)
+    assert masks.check_nm(own[3].weight, 2, 4)
+    assert int((own[8].weight == 0).sum()) == masks.pruned_count(own[8].weight.numel(), 0.7)
+
+
+def test_mask_enforcer_in_own_loop_keeps_masks_like_the_trainer():
+    torch.manual_seed(0)
+    init = _net()
+    _install_masks(init)
+    built, own = _net(), _net()
+    for m in (built, own):
+        _install_masks(m)
+        m.load_state_dict(init.state_dict())
+    Trainer(built, _loader(), FinetuneConfig(steps=8, lr=0.1, momentum=0.0, weight_decay=0.0,
+                                             progress=False)).fit()
+    opt = torch.optim.SGD(own.parameters(), lr=0.1)
+    enforcer = MaskEnforcer(own)
+    for i, (x, y) in enumerate(_loader()):
+        for g in opt.param_groups:
+            g["lr"] = 0.1 * 0.5 * (1 + math.cos(math.pi * i / 8))
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(own(x), y).backward()
+        opt.step()
+        enforcer()  # same as enforcer.on_step_end()
+    for k, v in built.state_dict().items():
+        torch.testing.assert_close(own.state_dict()[k], v, msg=k, rtol=0, atol=0)
+
+
+def test_early_stopping_and_rewind_in_own_loop():
+    model = _net()
+    stopper = EarlyStopping(model, patience=2)
+    values = [0.5, 0.9, 0.8, 0.7, 0.95]
+    kept = None
+    stopped_at = None
+    for epoch, v in enumerate(values):
+        with torch.no_grad():
+            model[8].weight.add_(1.0)
+        if v == 0.9:
+            kept = model[8].weight.detach().clone()
+        if stopper.on_epoch_end(metric=v, step=epoch):
+            stopped_at = epoch
+            break
+    assert stopped_at == 3 and stopper.best_metric == 0.9 and stopper.best_step == 1
+    stopper.on_train_end()
+    torch.testing.assert_close(model[8].weight, kept)
+    with pytest.raises(InvalidInputError, match="patience must be an int >= 1"):
+        EarlyStopping(model, patience=0)
+
+    rw = Rewind(model, at_step=2)
+    with pytest.raises(InvalidInputError, match="never reached step 2"):
+        rw.rewind()
+    snap = None
+    for step in range(1, 5):
+        with torch.no_grad():
+            model[8].weight.add_(0.5)
+        if step == 2:
+            snap = model[8].weight.detach().clone()
+        rw.on_step_end()
+    masks.set_mask(model, "8.weight", masks.unstructured_mask(model[8].weight.abs(), 0.5))
+    final_mask = masks.get_masks(model)["8.weight"].clone()
+    rw.rewind()
+    assert torch.equal(masks.get_masks(model)["8.weight"], final_mask)
+    torch.testing.assert_close(model[8].weight, snap * final_mask)
+
+
+def test_rewind_step_must_fit_the_run():
+    with pytest.raises(InvalidInputError, match=r"rewind step must be in \[0, 4\), got 4"):
+        finetune(_net(), _loader(), steps=4, rewind=4, progress=False)
+
+
+def test_bad_batches_name_the_convention():
+    bad = DataLoader(TensorDataset(torch.randn(8, 4, 12)), batch_size=4)
+    with pytest.raises(InvalidInputError, match=r"\(inputs, targets\).*a list of length 1"):
+        finetune(_net(), bad, steps=1, progress=False)
+    dict_batches = [{"inputs": x, "targets": y} for x, y in _loader()]
+    res = finetune(_net(), dict_batches, steps=3, progress=False)
+    assert res.steps_run == 3

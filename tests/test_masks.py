@@ -41,15 +41,140 @@ def test_nm_mask_pads_rows_that_are_not_a_multiple_of_m():
     m = masks.nm_mask(w, 2, 4)
     assert m.tolist() == [[0, 0, 1, 1, 1, 1]]
     assert masks.check_nm(w * m, 2, 4)
-    with pytest.raises(InvalidInputError, match="0 < n < m"):
-        masks.nm_mask(w, 4, 4)
 
 
-@pytest.mark.parametrize("keep_ratio", [0.0, 0.1, 0.37, 0.5, 0.999, 1.0])
-def test_unstructured_mask_exact_count_even_with_ties(keep_ratio):
-    scores = torch.tensor([0.0] * 40 + [1.0] * 30 + list(range(2, 32)), dtype=torch.float32)
-    m = masks.unstructured_mask(scores.reshape(10, 10), keep_ratio)
-    assert int((m == 0).sum()) == round(100 * (1 - keep_ratio))
+# --- the one set of edge rules (module docstring of autoprune.masks) ----------------------
+
+
+@pytest.mark.parametrize(("row", "n", "m", "kept"), [
+    # ties: of equal scores the lower index is pruned first (order by (score, index))
+    ([1.0, 1.0, 1.0, 1.0], 2, 4, [0, 0, 1, 1]),
+    ([1.0, 1.0, 1.0, 1.0], 1, 4, [0, 0, 0, 1]),
+    ([0.0, 5.0, 0.0, 5.0, 2.0, 2.0, 2.0, 9.0], 2, 4, [0, 1, 0, 1, 0, 0, 1, 1]),
+    ([3.0, 3.0, 1.0, 1.0], 2, 4, [1, 1, 0, 0]),
+    # a length not divisible by m: the partial last group of r keeps min(n, r)
+    ([4.0, 3.0, 2.0, 1.0, 7.0], 2, 4, [1, 1, 0, 0, 1]),
+    ([4.0, 3.0, 2.0, 1.0, 7.0, 8.0], 2, 4, [1, 1, 0, 0, 1, 1]),
+    ([4.0, 3.0, 2.0, 1.0, 7.0, 8.0, 6.0], 2, 4, [1, 1, 0, 0, 1, 1, 0]),
+    ([4.0, 3.0, 2.0, 1.0, 7.0, 8.0, 6.0], 1, 4, [1, 0, 0, 0, 0, 1, 0]),
+    ([2.0, 1.0, 3.0], 2, 4, [1, 0, 1]),
+    ([2.0, 1.0], 2, 4, [1, 1]),
+    # sparsity 0 (n == m) and 1 (n == 0)
+    ([4.0, 3.0, 2.0, 1.0, 7.0], 4, 4, [1, 1, 1, 1, 1]),
+    ([4.0, 3.0, 2.0, 1.0, 7.0], 0, 4, [0, 0, 0, 0, 0]),
+    # m == 1 and groups of 8
+    ([4.0, 3.0], 1, 1, [1, 1]),
+    ([1.0, 8.0, 2.0, 7.0, 3.0, 6.0, 4.0, 5.0], 4, 8, [0, 1, 0, 1, 0, 1, 0, 1]),
+])
+def test_nm_edge_rules(row, n, m, kept):
+    scores = torch.tensor([row])
+    mask = masks.nm_mask(scores, n, m)
+    assert mask.tolist() == [kept]
+    assert masks.check_nm(mask, n, m)
+    assert masks.is_nm_mask(mask, n, m)
+    # the same along dim 1 of a conv weight, at every output channel and kernel position
+    conv = scores.reshape(1, -1, 1, 1).expand(3, -1, 2, 2).contiguous()
+    cmask = masks.nm_mask(conv, n, m)
+    assert torch.equal(cmask, torch.tensor(kept, dtype=torch.float32).reshape(1, -1, 1, 1)
+                       .expand(3, -1, 2, 2))
+
+
+@pytest.mark.parametrize(("numel", "sparsity", "count"), [
+    (10, 0.0, 0), (10, 1.0, 10), (10, 0.34, 3), (10, 0.36, 4),
+    # halves go to even (Python's round), the same for every caller
+    (10, 0.25, 2), (10, 0.35, 4), (4, 0.125, 0), (4, 0.375, 2), (7, 0.5, 4), (9, 0.5, 4),
+    (64, 0.7, 45), (1, 0.5, 0), (0, 0.5, 0),
+])
+def test_pruned_count_rounding(numel, sparsity, count):
+    assert masks.pruned_count(numel, sparsity) == count
+    scores = torch.arange(float(numel))
+    assert int((masks.unstructured_mask(scores, sparsity=sparsity) == 0).sum()) == count
+    # keep_ratio is the same rule with sparsity = 1 - keep_ratio
+    keep = 1.0 - sparsity
+    assert int((masks.unstructured_mask(scores, keep) == 0).sum()) == \
+        masks.pruned_count(numel, 1.0 - keep)
+
+
+@pytest.mark.parametrize(("scores", "sparsity", "kept"), [
+    ([2.0, 2.0, 2.0, 2.0], 0.5, [0, 0, 1, 1]),  # ties: lower index pruned first
+    ([1.0, 0.0, 1.0, 0.0, 1.0], 0.6, [0, 0, 1, 0, 1]),
+    ([3.0, 1.0, 2.0], 0.0, [1, 1, 1]),
+    ([3.0, 1.0, 2.0], 1.0, [0, 0, 0]),
+    ([float("inf"), float("-inf"), 0.0], 1 / 3, [1, 0, 1]),
+])
+def test_unstructured_edge_rules(scores, sparsity, kept):
+    assert masks.unstructured_mask(torch.tensor(scores), sparsity=sparsity).tolist() == kept
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: masks.nm_mask(torch.ones(2, 4), 5, 4), "0 <= n <= m"),
+    (lambda: masks.nm_mask(torch.ones(2, 4), -1, 4), "0 <= n <= m"),
+    (lambda: masks.nm_mask(torch.ones(2, 4), 2, 0), "m >= 1"),
+    (lambda: masks.nm_mask(torch.ones(2, 4), 2.5, 4), "integers"),
+    (lambda: masks.check_nm(torch.ones(2, 4), 3, 2), "0 <= n <= m"),
+    (lambda: masks.nm_mask(torch.tensor([[1.0, float("nan"), 0.0, 1.0]]), 2, 4), "NaN"),
+    (lambda: masks.unstructured_mask(torch.tensor([1.0, float("nan")]), 0.5), "NaN"),
+    (lambda: masks.unstructured_mask(torch.ones(4), 1.5), "keep_ratio must be in"),
+    (lambda: masks.unstructured_mask(torch.ones(4), sparsity=-0.1), "sparsity must be in"),
+    (lambda: masks.unstructured_mask(torch.ones(4)), "one of them"),
+    (lambda: masks.unstructured_mask(torch.ones(4), 0.5, sparsity=0.5), "one of them"),
+])
+def test_mask_maths_rejects_bad_input(call, match):
+    with pytest.raises(InvalidInputError, match=match):
+        call()
+
+
+def _tied_weight(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Small integers with signs: many ties in magnitude, the hard case for agreement."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-3, 4, shape, generator=g)).float()
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (8, 10), (6, 12, 3, 3), (6, 7, 3), (5, 6, 1, 1)])
+def test_micro_model_and_finetune_nm_masks_agree(shape):
+    from autoprune._finetune._schedule import GradualPruner, GradualSchedule
+    from autoprune.backends import micro
+
+    w = _tied_weight(shape)
+    expected = masks.nm_mask(w.abs(), 2, 4)
+    assert torch.equal(micro.nm_mask(w, 2, 4), expected.bool())  # latency micro-models
+    layer = nn.Linear(1, 1) if len(shape) == 2 else nn.Conv2d(1, 1, 1)
+    layer.weight = nn.Parameter(w.clone())
+    net = nn.Sequential(layer)
+    pruner = GradualPruner(net, GradualSchedule(targets={"0": (2, 4)}, end_step=4), 4)
+    pruner.update(4)  # the last update of a gradual schedule lands on the final pattern
+    assert torch.equal(masks.get_masks(net)["0.weight"], expected)
+
+
+@pytest.mark.parametrize(("shape", "keep_ratio"), [((8, 16), 0.3), ((7, 5), 0.5),
+                                                   ((6, 9, 3, 3), 0.25), ((3, 3), 0.7)])
+def test_executor_and_finetune_unstructured_masks_agree(shape, keep_ratio):
+    from autoprune._finetune._schedule import GradualPruner, GradualSchedule
+
+    w = _tied_weight(shape, seed=1)
+    expected = masks.unstructured_mask(w.abs(), keep_ratio)  # what apply_plan (l1) installs
+    layer = nn.Linear(1, 1)
+    layer.weight = nn.Parameter(w.clone())
+    net = nn.Sequential(layer)
+    pruner = GradualPruner(net, GradualSchedule(targets={"0": 1.0 - keep_ratio}, end_step=2), 2)
+    pruner.update(2)
+    assert torch.equal(masks.get_masks(net)["0.weight"], expected)
+    assert int((expected == 0).sum()) == masks.pruned_count(w.numel(), 1.0 - keep_ratio)
+
+
+def test_micro_model_weights_follow_the_masks_rules():
+    from autoprune.backends.micro import MicroModel, build_micro_model
+    from autoprune.types import LayerSpec, OpKind, Structure
+
+    for spec in (LayerSpec(OpKind.CONV2D, 10, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, (6, 6)),
+                 LayerSpec(OpKind.LINEAR, 18, 6, input_size=(4,))):
+        torch.manual_seed(3)
+        dense_w = MicroModel(spec).layer.weight.detach().clone()  # same seed, same init
+        nm, _ = build_micro_model(spec, Structure.NM, 0.5, seed=3)
+        assert torch.equal(nm.layer.weight != 0, masks.nm_mask(dense_w.abs(), 2, 4).bool())
+        un, _ = build_micro_model(spec, Structure.UNSTRUCTURED, 0.3, seed=3)
+        assert torch.equal(un.layer.weight != 0,
+                           masks.unstructured_mask(dense_w.abs(), 0.3).bool())
 
 
 def _net() -> nn.Sequential:

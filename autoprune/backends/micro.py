@@ -6,9 +6,10 @@ order after the layer, e.g. ``"bn+relu"`` (conv → BatchNorm → ReLU) or ``"bn
 input of the output's shape, the way a residual block feeds them. Known tokens: see
 ``FUSED_TOKENS``; an unknown token raises ``InvalidInputError`` naming it.
 
-``structure``/``density`` zero the layer's weights in the pattern that structure implies
-(2:4 along input channels per kernel position for ``nm``; random for ``unstructured``), so a
-backend that has sparse kernels can pick them.
+``structure``/``density`` zero the layer's weights in the pattern that structure implies, with
+the mask maths of ``autoprune.masks`` on the weights' magnitudes (N:M along input channels per
+kernel position for ``nm``; the lowest magnitudes for ``unstructured``), the same masks
+``apply_plan`` and fine-tuning give that weight, so a backend with sparse kernels can pick them.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprune import masks
 from autoprune.errors import InvalidInputError
 from autoprune.latency._table import normalize_structure  # noqa: F401 - re-exported for backends
+from autoprune.masks import nm_from_density  # noqa: F401 - re-exported (micro-model API)
 from autoprune.types import LayerSpec, OpKind, Structure
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -50,40 +53,19 @@ def fused_tokens(fused: str) -> list[str]:
 
 
 def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """Keep the ``n`` largest-magnitude of every ``m`` consecutive input channels.
-
-    Groups run along dim 1 (input channels) for every output channel and kernel position, the
-    pattern sparse tensor cores and ``to_sparse_semi_structured`` expect. Trailing channels that
-    do not fill a group stay dense.
-    """
-    w = weight.detach()
-    if w.dim() < 2:
-        return torch.ones_like(w, dtype=torch.bool)
-    perm = [0, *range(2, w.dim()), 1]
-    wp = w.permute(*perm)  # (O, *kernel, I)
-    c_in = wp.shape[-1]
-    full = (c_in // m) * m
-    mask = torch.ones_like(wp, dtype=torch.bool)
-    if full:
-        g = wp[..., :full].abs().reshape(*wp.shape[:-1], full // m, m)
-        idx = g.topk(m - n, dim=-1, largest=False).indices
-        gm = torch.ones_like(g, dtype=torch.bool).scatter_(-1, idx, False)
-        mask[..., :full] = gm.reshape(*wp.shape[:-1], full)
-    inv = [0] * w.dim()
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return mask.permute(*inv).contiguous()
+    """Boolean mask keeping the ``n`` largest-magnitude of every ``m`` consecutive input
+    channels: ``autoprune.masks.nm_mask(weight.abs(), n, m)`` (its edge rules: ties by
+    position, a partial last group zero-padded)."""
+    return masks.nm_mask(weight.detach().abs(), n, m).bool()
 
 
 def random_mask(weight: torch.Tensor, density: float, seed: int = 0) -> torch.Tensor:
-    """Exactly ``round(density * numel)`` kept entries, chosen at random (seeded)."""
+    """Boolean mask keeping ``density`` of the entries at random (seeded):
+    ``autoprune.masks.unstructured_mask`` over random scores, so the kept count follows its
+    rounding rule."""
     gen = torch.Generator().manual_seed(seed)
-    numel = weight.numel()
-    keep = int(round(min(max(density, 0.0), 1.0) * numel))
-    order = torch.randperm(numel, generator=gen)
-    mask = torch.zeros(numel, dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask.reshape(weight.shape)
+    scores = torch.rand(weight.shape, generator=gen)
+    return masks.unstructured_mask(scores, min(max(float(density), 0.0), 1.0)).bool()
 
 
 class MicroModel(nn.Module):
@@ -188,17 +170,12 @@ def build_micro_model(
     model = MicroModel(spec).eval()
     if structure in (Structure.NM, Structure.UNSTRUCTURED) and model.layer is not None:
         w = model.layer.weight
+        # the masks apply_plan and fine-tuning give the same weight (magnitude, masks.py rules)
         if structure == Structure.NM:
-            n, m = nm_from_density(density)
-            mask = nm_mask(w, n, m)
+            n, m = masks.nm_from_density(density)
+            mask = masks.nm_mask(w.detach().abs(), n, m)
         else:
-            mask = random_mask(w, density, seed)
+            mask = masks.unstructured_mask(w.detach().abs(), min(max(float(density), 0.0), 1.0))
         with torch.no_grad():
             w.mul_(mask.to(w.dtype))
     return model, model.example_inputs(seed)
-
-
-def nm_from_density(density: float, m: int = 4) -> tuple[int, int]:
-    """(n, m) for an N:M density (0.5 → 2:4)."""
-    n = max(1, min(m, int(round(density * m))))
-    return n, m
