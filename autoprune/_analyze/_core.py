@@ -189,15 +189,15 @@ def _sublayers(
     trace: Trace, ignored_ids: set[int], order: dict[str, int]
 ) -> dict[str, _Sublayer]:
     """Every sublayer of every modelled layer the forward pass saw, keyed by layer path."""
-    records = trace.records
-    owners = [n for n, r in records.items() if ADAPTERS.layer(r.module).owns_children]
+    adapters = {n: ADAPTERS.layer(r.module) for n, r in trace.records.items()}
+    owners = [n for n, a in adapters.items() if a is not None and a.owns_children]
     subs: dict[str, _Sublayer] = {}
-    for n, r in records.items():
-        if any(n.startswith(p + ".") for p in owners):
+    for n, r in trace.records.items():
+        adapter = adapters[n]
+        if adapter is None or any(n.startswith(p + ".") for p in owners):
             continue  # a child the owning adapter models (an attention module's out_proj)
         if id(r.module) in ignored_ids:
             continue
-        adapter = ADAPTERS.layer(r.module)
         adapter.check(r.module, n)
         widths = adapter.widths(r.module)
         for suffix in adapter.sublayers(r.module):
