@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from autoprune._analyze import analyze
-from autoprune._tpglue import _build_dg, _prune_channels, normalize_inputs
+from autoprune._analyze._adapters import ADAPTERS
+from autoprune._analyze._tpglue import build_graphs, normalize_inputs, prune_channels
 from autoprune.errors import InvalidInputError
 from autoprune.importance import Importance, get_importance
 from autoprune.masks import nm_mask, set_mask, unstructured_mask
@@ -29,34 +30,33 @@ from autoprune.types import ModelSpec, Structure
 
 __all__ = ["apply_plan"]
 
-_IGNORED_PREFIX = "ignored by the user"
-
-
-def _ignored_paths(spec: ModelSpec) -> list[str]:
-    return [p for p, why in spec.fixed.items() if why.startswith(_IGNORED_PREFIX)]
-
-
 def _param_of(model: nn.Module, producer: str) -> tuple[str, torch.Tensor]:
-    """The weight a producer's mask goes on: ``<path>.weight``, or an attention module's
-    ``in_proj_weight`` for ``<path>.in_proj``."""
-    if producer.endswith(".in_proj"):
-        base = producer.rsplit(".", 1)[0]
-        mha = model.get_submodule(base)
-        if isinstance(mha, nn.MultiheadAttention):
-            return f"{base}.in_proj_weight", mha.in_proj_weight
-    mod = model.get_submodule(producer)
-    return f"{producer}.weight", mod.weight
+    """The weight a producer's mask goes on, as its layer adapter says (``<path>.weight``; an
+    attention module's ``in_proj_weight`` for ``<path>.in_proj``)."""
+    try:
+        mod, adapter, suffix = ADAPTERS.resolve(model, producer)
+    except KeyError as e:
+        raise InvalidInputError(
+            f"layer {producer!r} of the spec is not in {type(model).__name__}: the spec was "
+            "made for another model; pass the spec analyze() returned for this one"
+        ) from e
+    name, param = adapter.mask_param(mod, suffix)
+    base = producer[: -len(suffix) - 1] if suffix else producer
+    return f"{base}.{name}", param
 
 
 def _gamma_for(model: nn.Module, spec: ModelSpec, group: str, rows: int) -> torch.Tensor | None:
+    """The first per-channel scale (a BatchNorm's gamma) among the group's members that has
+    one entry per weight row."""
     for member in spec.groups[group].members:
         try:
             mod = model.get_submodule(member)
         except AttributeError:
             continue
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.weight is not None:
-            if mod.weight.numel() == rows:
-                return mod.weight.detach()
+        adapter = ADAPTERS.for_module(mod)
+        gamma = adapter.channel_gamma(mod) if adapter is not None else None
+        if gamma is not None and gamma.numel() == rows:
+            return gamma
     return None
 
 
@@ -158,8 +158,8 @@ def apply_plan(
             if plan.structure_of(n) == Structure.CHANNEL
         }
         if any(k < spec.groups[n].units for n, k in kept.items()):
-            dg = _build_dg(new, inputs, _ignored_paths(spec))
-            _prune_channels(new, dg, spec, kept, imp)
+            dg = build_graphs(new, inputs, spec.ignored)
+            prune_channels(new, dg, spec, kept, imp)
             del dg
         _apply_masks(new, spec, plan, imp)
         _remove_blocks(new, plan)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+from autoprune.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from autoprune.plan import PruningPlan
 
@@ -262,12 +264,29 @@ class ModelSpec:
     input_shapes: list[tuple[int, ...]]
     layers: dict[str, Layer]
     groups: dict[str, PrunableGroup]
-    #: module path -> reason it is kept unpruned (classifier output, ignored module, ...)
+    #: module path -> reason it is kept unpruned (classifier output, ignored module, ...);
+    #: for people to read: code asks ``ignored``
     fixed: dict[str, str] = field(default_factory=dict)
+    #: module paths the user passed as ``analyze(..., ignore=...)``, in that order: they and
+    #: everything coupled to them stay unpruned, and the executor leaves them out of its
+    #: dependency graphs the same way (a spec saved before this field loads with ``()``)
+    ignored: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignored, str) or not all(isinstance(p, str) for p in self.ignored):
+            raise InvalidInputError(
+                f"ModelSpec.ignored must be a tuple of module paths, got {self.ignored!r}; "
+                "pass e.g. ignored=('blocks.0.attn',)"
+            )
+        self.ignored = tuple(self.ignored)
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the model's layer shapes and groups: a plan records it to catch mix-ups."""
+        """Hash of the model's layer shapes and groups: a plan records it to catch mix-ups.
+
+        It keys latency tables and measured-plan datasets on disk, so it covers only layers
+        and groups: ``fixed`` and ``ignored`` are left out (what ``ignore=`` changes shows in
+        the groups already)."""
         payload = json.dumps(
             {
                 "layers": [[n, lay.spec.key()] for n, lay in self.layers.items()],
@@ -342,6 +361,7 @@ class ModelSpec:
             "layers": [lay.to_dict() for lay in self.layers.values()],
             "groups": [g.to_dict() for g in self.groups.values()],
             "fixed": dict(self.fixed),
+            "ignored": list(self.ignored),
         }
 
     @classmethod
@@ -354,6 +374,7 @@ class ModelSpec:
             layers={lay.name: lay for lay in layers},
             groups={g.name: g for g in groups},
             fixed=dict(d.get("fixed", {})),
+            ignored=tuple(d.get("ignored", ())),
         )
 
     def __repr__(self) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import warnings
 
 import pytest
@@ -163,6 +166,7 @@ def test_ignored_module_is_fixed_with_a_warning():
     msgs = " ".join(str(w.message) for w in caught)
     assert "'2'" in msgs and "_Weird" in msgs
     assert "ignored" in spec.fixed["2"]
+    assert spec.ignored == ("2",)
     assert Structure.CHANNEL not in spec.groups["0"].allowed  # feeds the ignored module
     assert Structure.UNSTRUCTURED in spec.groups["0"].allowed
 
@@ -175,6 +179,8 @@ def test_unsupported_layer_types_and_bad_ignore_paths():
         analyze(net, x)
     with pytest.raises(InvalidInputError, match="not a module"):
         analyze(zoo.mlp(), torch.randn(1, 64), ignore=["nope"])
+    with pytest.raises(InvalidInputError, match=r"list of module paths.*ignore=\['1'\]"):
+        analyze(zoo.mlp(), torch.randn(1, 64), ignore="1")
     with pytest.raises(InvalidInputError, match="example_inputs"):
         analyze(zoo.mlp(), "not a tensor")  # type: ignore[arg-type]
 
@@ -241,3 +247,73 @@ def test_analyze_a_model_that_carries_autoprune_masks():
     assert set(again.groups) == set(spec.groups)
     assert {n: g.allowed for n, g in again.groups.items()} == \
         {n: g.allowed for n, g in spec.groups.items()}
+
+
+class _Attn(nn.Module):
+    """A token model around nn.MultiheadAttention (its layer order is part of the pin)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 32)
+        self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h)
+        return self.fc(a + h).mean(1)
+
+
+def test_fingerprint_is_pinned():
+    """ModelSpec.fingerprint keys latency tables and measured-plan datasets on disk: these
+    values were computed on main before ModelSpec.ignored and the adapter registry existed; a
+    change here orphans every user's cached tables."""
+    pins = [
+        (zoo.mlp(), torch.randn(2, 64), None, "447758f05a048f8e"),
+        (zoo.conv1d_net(), torch.randn(2, 1, 40), None, "5aa02dcc04df07cb"),
+        (_Attn(), torch.randn(2, 6, 16), None, "e0f48c1320f3c54c"),
+        (zoo.mlp(), torch.randn(2, 64), ["3"], "4df947393dc66567"),
+        (zoo.mlp(), torch.randn(2, 64), ["3", "2"], "4df947393dc66567"),
+    ]
+    for model, x, ignore, want in pins:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            spec = analyze(model.eval(), x, ignore=ignore)
+        assert spec.fingerprint == want, (type(model).__name__, ignore)
+        # the field itself is not hashed: only what ignore= does to layers and groups
+        assert dataclasses.replace(spec, ignored=()).fingerprint == want
+
+
+def test_ignored_round_trips_and_old_dicts_load():
+    with pytest.warns(UserWarning, match="ignored"):
+        spec = analyze(zoo.conv1d_net().eval(), torch.randn(2, 1, 40), ignore=["8", "0"])
+    assert spec.ignored == ("8", "0")  # the user's order
+    d = spec.to_dict()
+    assert d["ignored"] == ["8", "0"]
+    back = ModelSpec.from_dict(json.loads(json.dumps(d)))
+    assert back.ignored == ("8", "0") and back.fingerprint == spec.fingerprint
+    # a spec saved before the field existed loads with nothing ignored
+    old = {k: v for k, v in d.items() if k != "ignored"}
+    legacy = ModelSpec.from_dict(old)
+    assert legacy.ignored == () and legacy.groups == spec.groups
+    assert legacy.fingerprint == spec.fingerprint
+    plain = analyze(zoo.conv1d_net().eval(), torch.randn(2, 1, 40))
+    assert plain.ignored == () and plain.to_dict()["ignored"] == []
+    with pytest.raises(InvalidInputError, match="tuple of module paths.*'conv1'"):
+        dataclasses.replace(plain, ignored="conv1")
+
+
+def test_dry_run_check_returns_a_new_spec():
+    """check_channel_groups never edits the spec it is given: a failed group comes back in a
+    new ModelSpec."""
+    from autoprune._analyze._tpglue import check_channel_groups
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _weird_net().eval()
+        x = torch.randn(2, 8)
+        unchecked = analyze(model, x, ignore=["2"], check=False)
+        before = copy.deepcopy(unchecked.to_dict())
+        checked = check_channel_groups(model, (x,), unchecked)
+    assert unchecked.to_dict() == before
+    assert checked.ignored == unchecked.ignored == ("2",)

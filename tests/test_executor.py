@@ -183,3 +183,52 @@ def test_apply_plan_analyses_when_no_spec_is_given():
     plan = PruningPlan.uniform(spec, 0.25, "channel")
     pruned = apply_plan(model, plan, x)
     assert pruned[1].out_features == 64 and pruned[3].in_features == 64
+
+
+def test_executor_honours_ignore_from_the_spec_field(monkeypatch):
+    """apply_plan hands spec.ignored to the dependency graphs; the human-readable reasons in
+    spec.fixed play no part (they used to be parsed for an 'ignored by the user' prefix)."""
+    import dataclasses
+    import warnings
+
+    from autoprune import executor
+
+    model = zoo.conv1d_net().eval()
+    x = torch.randn(2, 1, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spec = analyze(model, x, ignore=["0"])
+    assert spec.ignored == ("0",) and "0" not in spec.groups
+    seen: list[tuple[str, ...]] = []
+    real = executor.build_graphs
+
+    def spy(m, inputs, ignore=()):  # noqa: ANN001, ANN202
+        seen.append(tuple(ignore))
+        return real(m, inputs, ignore)
+
+    monkeypatch.setattr(executor, "build_graphs", spy)
+    plan = PruningPlan.uniform(spec, 0.5, "channel")
+    assert "3" in plan.groups
+    # reasons rewritten: the executor still ignores "0"
+    scrubbed = dataclasses.replace(spec, fixed={k: "kept" for k in spec.fixed})
+    pruned = apply_plan(model, plan, x, spec=scrubbed)
+    assert seen == [("0",)]
+    assert pruned[0].out_channels == 64 and pruned[3].out_channels == 32
+    # the old reason text without the field ignores nothing
+    seen.clear()
+    apply_plan(model, plan, x, spec=dataclasses.replace(spec, ignored=()))
+    assert seen == [()]
+
+
+def test_no_reason_string_is_parsed_anywhere():
+    from pathlib import Path
+
+    import autoprune
+
+    root = Path(autoprune.__file__).parent
+    hits = [str(p.relative_to(root)) for p in root.rglob("*.py")
+            if "ignored by the user" in p.read_text(encoding="utf-8")]
+    assert hits == [str(Path("_analyze") / "_core.py")]  # where the reason is written
+    text = (root / "_analyze" / "_core.py").read_text(encoding="utf-8")
+    assert text.count("ignored by the user") == 1
+    assert "startswith(" not in (root / "executor.py").read_text(encoding="utf-8")

@@ -17,13 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from autoprune._analyze._adapters import ADAPTERS
 from autoprune.errors import InvalidInputError, UnsupportedLayerError
 from autoprune.importance import Importance, get_importance
 from autoprune.masks import bake
 from autoprune.plan import GroupPlan, PruningPlan
 from autoprune.types import ModelSpec, Structure
 
-_WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+__all__ = [
+    "Graphs",
+    "build_graphs",
+    "check_channel_groups",
+    "custom_param_modules",
+    "functional_weight_modules",
+    "normalize_inputs",
+    "prune_channels",
+]
 
 
 def normalize_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -104,18 +113,20 @@ def _one_graph(module: nn.Module, args: tuple, ignore_mods: list[nn.Module]) -> 
 
 
 def functional_weight_modules(model: nn.Module, called: set[str] | dict[str, Any]) -> list[str]:
-    """Modules that ran but read a conv/linear child's weights without calling it (torchvision
-    Swin's ShiftedWindowAttention): neither torch-pruning nor the layer hooks can see those
-    layers. nn.MultiheadAttention (out_proj) is modelled and not listed."""
+    """Modules that ran but read a modelled child layer's weights without calling it
+    (torchvision Swin's ShiftedWindowAttention): neither torch-pruning nor the layer hooks can
+    see those layers. A module whose adapter models its children (nn.MultiheadAttention and
+    its out_proj) is not listed."""
     out = []
     for path, m in model.named_modules():
         if path not in called:
             continue
-        if isinstance(m, nn.MultiheadAttention):
+        own = ADAPTERS.layer(m)
+        if own is not None and own.owns_children:
             continue
         for name, child in m.named_children():
             cpath = f"{path}.{name}" if path else name
-            if isinstance(child, _WEIGHT_LAYERS) and cpath not in called:
+            if ADAPTERS.layer(child) is not None and cpath not in called:
                 out.append(path)
                 break
     return out
@@ -178,40 +189,28 @@ def build_graphs(
     return Graphs(graphs, failures)
 
 
-_KNOWN_PARAM_HOLDERS = (
-    nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm,
-    nn.GroupNorm, nn.PReLU, nn.Embedding, nn.MultiheadAttention, nn.modules.instancenorm._InstanceNorm,
-)
-
-
 def custom_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules owning parameters directly whose type torch-pruning has no pruner for
-    (their parameters are pruned by shape guessing)."""
+    """Modules owning parameters directly whose type has no adapter, so torch-pruning has no
+    pruner for them either (their parameters are pruned by shape guessing)."""
     out = []
     for path, m in model.named_modules():
-        if isinstance(m, _KNOWN_PARAM_HOLDERS):
+        if ADAPTERS.is_known_param_holder(m):
             continue
         if any(True for _ in m.parameters(recurse=False)):
             out.append((path, m))
     return out
 
 
-def _build_dg(model: nn.Module, inputs: tuple[torch.Tensor, ...], ignore: Sequence[str]) -> Graphs:
-    return build_graphs(model, inputs, ignore)
-
-
 def _root_of(model: nn.Module, group_name: str) -> nn.Module:
-    """Module whose output channels anchor a group (group names are producer paths; an
-    attention module's ``<path>.in_proj`` / ``.out_proj`` resolve to the attention module)."""
+    """Module whose output channels anchor a group (group names are producer layer paths; a
+    sublayer such as an attention module's ``<path>.in_proj`` resolves to its module)."""
     try:
-        m = model.get_submodule(group_name)
-    except AttributeError:
-        m = None
-    if m is None or (group_name.endswith(".out_proj") and isinstance(
-        model.get_submodule(group_name.rsplit(".", 1)[0]), nn.MultiheadAttention
-    )):
-        return model.get_submodule(group_name.rsplit(".", 1)[0])
-    return m
+        return ADAPTERS.resolve(model, group_name)[0]
+    except KeyError as e:
+        raise InvalidInputError(
+            f"group {group_name!r} names no layer of {type(model).__name__}: the spec was made "
+            "for another model; pass the spec analyze() returned for this one"
+        ) from e
 
 
 def _tp_group(dg: Any, root: nn.Module, idxs: list[int]) -> Any:
@@ -236,14 +235,15 @@ def _removal_idxs(scores: torch.Tensor, units: int, unit_size: int, n_remove: in
     return sorted(p * units + j for p in range(unit_size) for j in drop)
 
 
-def _prune_channels(
+def prune_channels(
     model: nn.Module,
     graphs: Graphs,
     spec: ModelSpec,
     kept: dict[str, int],
     importance: Importance,
 ) -> None:
-    """Remove channels group by group (torch-pruning keeps the graph consistent)."""
+    """Remove channels group by group down to ``kept`` units (torch-pruning keeps the graph
+    consistent); the executor and the dry-run check share it."""
     for name, k in kept.items():
         g = spec.groups[name]
         if k >= g.units:
@@ -290,12 +290,14 @@ def _fix_recorded_widths(model: nn.Module) -> None:
 
 
 def check_channel_groups(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: ModelSpec, ignore: Sequence[str]
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], spec: ModelSpec
 ) -> ModelSpec:
     """Used by ``analyze``: remove one unit from every channel group on a copy, run it, and
     compare every layer's widths with ``spec.pruned_layers``. Returns the spec (a new one when
-    a group failed: that group is not offered ``channel`` any more, with a warning); a failure
-    inside a module the user did not ignore raises ``UnsupportedLayerError`` naming it."""
+    a group failed: that group is not offered ``channel`` any more, with a warning; ``spec``
+    itself is not changed); a failure inside a module the user did not ignore
+    (``spec.ignored``) raises ``UnsupportedLayerError`` naming it."""
+    ignore = spec.ignored
     candidates = [g.name for g in spec.groups.values() if Structure.CHANNEL in g.allowed]
     if not candidates:
         return spec
@@ -319,11 +321,9 @@ def check_channel_groups(
     groups = dict(spec.groups)
     for name, why in bad.items():
         g = spec.groups[name]
-        groups[name] = type(g)(
-            name=g.name, kind=g.kind, units=g.units,
-            allowed=tuple(s for s in g.allowed if s != Structure.CHANNEL),
-            producers=g.producers, members=g.members, unit_size=g.unit_size,
-            min_units=g.min_units, note=(g.note + "; " if g.note else "") + f"channel: {why}",
+        groups[name] = dataclasses.replace(
+            g, allowed=tuple(s for s in g.allowed if s != Structure.CHANNEL),
+            note=(g.note + "; " if g.note else "") + f"channel: {why}",
         )
         warnings.warn(
             f"analyze: channels of group {name!r} cannot be removed ({why}); "
@@ -356,8 +356,8 @@ def _try_groups(
     custom = custom_param_modules(m)
     shapes = {p: [tuple(q.shape) for q in mod.parameters(recurse=False)] for p, mod in custom}
     try:
-        dg = _build_dg(m, inputs, ignore)
-        _prune_channels(m, dg, spec, kept, get_importance("l1"))
+        dg = build_graphs(m, inputs, ignore)
+        prune_channels(m, dg, spec, kept, get_importance("l1"))
         del dg
     except Exception as e:  # noqa: BLE001
         return None, f"torch-pruning failed: {type(e).__name__}: {e}"
@@ -386,17 +386,14 @@ def _try_groups(
     finally:
         for h in handles:
             h.remove()
-    expected = {p.name: p.spec for p in spec.pruned_layers(plan)}
-    for path, mod in m.named_modules():
-        if path not in expected:
-            continue
-        e = expected[path]
-        if isinstance(mod, nn.Linear):
-            got = (mod.in_features, mod.out_features)
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            got = (mod.in_channels, mod.out_channels)
-        else:
-            continue
+    for pl in spec.pruned_layers(plan):
+        path, e = pl.name, pl.spec
+        try:
+            mod, adapter, suffix = ADAPTERS.resolve(m, path)
+        except KeyError:
+            return None, f"layer {path} is missing after pruning"
+        w = adapter.widths(mod)[suffix]
+        got = (w.in_channels, w.out_channels)
         if got != (e.in_channels, e.out_channels):
             return None, (
                 f"layer {path} has in/out {got} after pruning, the spec predicts "
