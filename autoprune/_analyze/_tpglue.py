@@ -141,6 +141,12 @@ def build_graphs(
     ``functional_weight_modules``) are opaque: no graph spans them, their neighbours are traced
     in parts around them."""
     ignore_mods = [m for p in ignore for m in model.get_submodule(p).modules()]
+    failures: dict[str, str] = {}
+    if not ignore:  # the common case: one whole-model trace, no extra forward pass
+        try:
+            return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
+        except Exception as e:  # noqa: BLE001 - fall back to tracing parts
+            failures[""] = f"{type(e).__name__}: {e}"
     try:
         args_of = _module_inputs(model, inputs)
     except Exception as e:  # noqa: BLE001 - the inputs do not fit the model
@@ -149,14 +155,13 @@ def build_graphs(
               if functional_weight_modules(model.get_submodule(p), {
                   k[len(p) + 1:] if k != p else "" for k in args_of
                   if k == p or k.startswith(p + ".")})]
-    failures: dict[str, str] = {}
-    if not opaque:
+    if opaque:
+        failures[""] = f"contains opaque ignored modules ({', '.join(opaque[:3])})"
+    elif "" not in failures:
         try:
             return Graphs({"": _one_graph(model, inputs, ignore_mods)}, {})
         except Exception as e:  # noqa: BLE001 - fall back to tracing parts
             failures[""] = f"{type(e).__name__}: {e}"
-    else:
-        failures[""] = f"contains opaque ignored modules ({', '.join(opaque[:3])})"
     graphs: dict[str, Any] = {}
 
     def spans_opaque(path: str) -> bool:
