@@ -90,12 +90,12 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
     st["completed"] = [c for c in st["completed"] if c in ("analyze", "profile", "predictor")]
     state_path.write_text(json.dumps(st))
     (tmp_path / "run" / "plan.json").unlink()
-    import autoprune.pipeline as pipeline_module
+    import autoprune.pipeline._anchor as anchor_module
 
     def remeasure(*_a, **_k):  # noise can flip a bisection step: a new budget, a refused study
         raise AssertionError("the anchor was measured again on resume")
 
-    monkeypatch.setattr(pipeline_module, "anchor_budget_ms", remeasure)
+    monkeypatch.setattr(anchor_module, "anchor_budget_ms", remeasure)
     rep3 = run_pipeline(model, x, **kw)
     assert rep3.steps["search"] == "ran"
     assert len((tmp_path / "run" / "trials.csv").read_text().splitlines()) == n_trials_before
