@@ -164,14 +164,13 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
     take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
     so all methods face the same criterion). Table and predictor are built once per model."""
-    from autoprune._search import search
+    from autoprune._search import search, select_finalists
+    from autoprune.budget import Budget
     from autoprune.evaluators import accuracy_evaluator
     from autoprune.executor import apply_plan
+    from autoprune.io import atomic_write_text
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
-    from autoprune._search import select_finalists
-    from autoprune.budget import Budget
-    from autoprune.io import atomic_write_text
     from autoprune.plan import PruningPlan
 
     if "predictor" not in cache:
