@@ -36,6 +36,7 @@ from autoprune.budget import Budget
 from autoprune.errors import InfeasibleBudgetError, InvalidInputError
 from autoprune.export import _as_tuple
 from autoprune.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from autoprune.latency._model import as_latency_model
 from autoprune.pipeline._config import FinetuneOptions, SearchConfig
 from autoprune.pipeline._report import PipelineReport
 from autoprune.pipeline._state import RunState, Step
@@ -255,7 +256,7 @@ def run_pipeline(
             atomic_write_text(plan_path, plan.to_json())
             st.record(predicted_ms=predicted_ms)
     if predicted_ms is None and predictor is not None:
-        predicted_ms = float(predictor.predict(plan))
+        predicted_ms = _predict(predictor, plan)
         state.set(predicted_ms=predicted_ms)
 
     # 5. apply ------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def run_pipeline(
             from autoprune.export import verify
 
             say("verifying on the device (pruned and dense timed alternately)")
-            dense_predicted = (float(predictor.predict(PruningPlan.dense(spec)))
+            dense_predicted = (_predict(predictor, PruningPlan.dense(spec))
                                if predictor is not None else None)
             vrep = verify(pruned, args, backend, budget_ms=budget.ms, reference=model,
                           predicted_ms=predicted_ms, budget_fraction=budget.fraction,
@@ -370,12 +371,13 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
         search_budget_ms = float(state.get("search_budget_ms"))  # an interrupted search
     else:
         say("anchoring the search budget: bisecting a uniform plan on measured ratios")
-        anchor = _anchor.anchor_budget_ms(model, args, spec, table, backend, predictor,
+        anchor = _anchor.anchor_budget_ms(model, args, spec, table, backend,
+                                          as_latency_model(predictor),
                                           budget.target_ratio(),
                                           None if sc.space_options is None
                                           else dict(sc.space_options))
         search_budget_ms = (anchor.budget_ms if anchor is not None else
-                            budget.fraction * float(predictor.predict(PruningPlan.dense(spec))))
+                            budget.fraction * _predict(predictor, PruningPlan.dense(spec)))
         # kept so that a resumed search asks for the same budget its study was made for
         state.set(search_budget_ms=search_budget_ms)
     say(f"searching ({sc.n_trials} trials, budget {search_budget_ms:.4g} ms"
@@ -395,15 +397,18 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
         fastest = float(measured.min()) if measured is not None and measured.notna().any() \
             else float(result.trials["predicted_latency_ms"].min())
         raise InfeasibleBudgetError(search_budget_ms, fastest, "; ".join(result.notes))
-    return result.best_plan, float(predictor.predict(result.best_plan))
+    return result.best_plan, _predict(predictor, result.best_plan)
+
+
+def _predict(predictor: Any, plan: PruningPlan) -> float:
+    """Predicted ms of ``plan`` by any latency model (a ``LatencyModel`` or a callable)."""
+    return float(as_latency_model(predictor).predict(plan))
 
 
 def _band(predictor: Any, plan: PruningPlan) -> tuple[float, float] | None:
     """The latency model's band for ``plan`` (None without a latency model)."""
     if predictor is None:
         return None
-    from autoprune.latency._model import as_latency_model
-
     lo, hi = as_latency_model(predictor).predict_interval([plan])
     return float(lo[0]), float(hi[0])
 
