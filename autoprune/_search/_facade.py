@@ -45,11 +45,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:60]
 
 
-def check_budget(budget: Any) -> float:
+def check_budget(budget: Any) -> Budget:
+    """The search budget in milliseconds as a validated ``Budget`` (``Budget.of``)."""
     if budget is None:
         raise InvalidInputError("latency_budget_ms is required: the latency budget in "
                                 "milliseconds on the target device, e.g. latency_budget_ms=8.0")
-    return float(Budget.of(latency_budget_ms=budget).ms)  # type: ignore[arg-type]
+    return Budget.of(latency_budget_ms=budget)
 
 
 def _storage(storage: Any, run_dir: Path | None) -> Any:
@@ -126,13 +127,14 @@ def search(
     fraction of dense (checked on paired ratios; ``measured_latency_ms`` is then the ratio x
     the predicted dense latency, the predictor's scale).
     """
-    budget = check_budget(latency_budget_ms)
+    search_budget = check_budget(latency_budget_ms)
+    budget = float(search_budget.ms)  # type: ignore[arg-type]
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise InvalidInputError(f"n_trials must be an integer >= 1, got {n_trials!r}")
     if isinstance(n_finalists, bool) or not isinstance(n_finalists, int) or n_finalists < 1:
         raise InvalidInputError(f"n_finalists must be an integer >= 1, got {n_finalists!r}")
     if finalist_budget is None:
-        finalist_budget = Budget.of(latency_budget_ms=budget)
+        finalist_budget = search_budget
     elif not isinstance(finalist_budget, Budget):
         raise InvalidInputError(f"finalist_budget must be an autoprune.budget.Budget "
                                 f"(Budget.of(...)), got {type(finalist_budget).__name__}")

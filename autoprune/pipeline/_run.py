@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -366,7 +367,7 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
     finalist_budget = budget
     if budget.fraction is None:
         search_budget_ms = float(budget.ms)  # type: ignore[arg-type]
-        finalist_budget = Budget.of(latency_budget_ms=budget.ms)  # absolute: no headroom
+        finalist_budget = replace(budget, headroom=0.0)  # absolute: checked as given
     elif state.get("search_budget_ms") is not None:
         search_budget_ms = float(state.get("search_budget_ms"))  # an interrupted search
     else:
