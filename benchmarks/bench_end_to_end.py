@@ -164,12 +164,13 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
     take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
     so all methods face the same criterion). Table and predictor are built once per model."""
-    from autoprune._search import search
+    from autoprune._search import search, select_finalists
+    from autoprune.budget import Budget
     from autoprune.evaluators import accuracy_evaluator
     from autoprune.executor import apply_plan
+    from autoprune.io import atomic_write_text
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
-    from autoprune.pipeline import _select_by_ratio
     from autoprune.plan import PruningPlan
 
     if "predictor" not in cache:
@@ -247,7 +248,12 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
         plan = space.fastest_plan()
         note += " below the fastest plan of the space: fastest plan taken"
         return apply_plan(model, plan, (x,), spec=spec), plan, note
-    plan = _select_by_ratio(result, model, (x,), spec, backend, frac, run_dir, search_ms)
+    fin = select_finalists(result.trials, model, (x,), spec, backend,
+                           Budget.of(budget_fraction=frac), n_finalists=1, max_remeasure=8,
+                           proxy_tolerance=0.01)
+    result = result.with_finalists(fin)
+    atomic_write_text(run_dir / "finalists.csv", result.finalists.to_csv(index=False))
+    plan = fin.chosen
     if plan is None:  # nothing measured within budget: take the fastest re-measured finalist
         fin = result.finalists.sort_values("measured_ratio")
         plan = PruningPlan.from_json(fin["plan"].iloc[0])

@@ -90,12 +90,12 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
     st["completed"] = [c for c in st["completed"] if c in ("analyze", "profile", "predictor")]
     state_path.write_text(json.dumps(st))
     (tmp_path / "run" / "plan.json").unlink()
-    import autoprune.pipeline as pipeline_module
+    import autoprune.pipeline._anchor as anchor_module
 
     def remeasure(*_a, **_k):  # noise can flip a bisection step: a new budget, a refused study
         raise AssertionError("the anchor was measured again on resume")
 
-    monkeypatch.setattr(pipeline_module, "anchor_budget_ms", remeasure)
+    monkeypatch.setattr(anchor_module, "anchor_budget_ms", remeasure)
     rep3 = run_pipeline(model, x, **kw)
     assert rep3.steps["search"] == "ran"
     assert len((tmp_path / "run" / "trials.csv").read_text().splitlines()) == n_trials_before
@@ -197,3 +197,79 @@ def test_candidate_order_prefers_the_larger_plan_among_proxy_ties():
     assert order == [2, 0, 1, 4]
     assert candidate_order(trials, proxy_tolerance=0.0)["trial"].tolist() == [1, 0, 2, 4]
     assert candidate_order(trials[trials["trial"] == 3]).empty
+
+
+def test_run_state_step_times_completes_and_resumes(tmp_path):
+    from autoprune.errors import CorruptFileError
+    from autoprune.pipeline import RunState, Step
+
+    art = tmp_path / "verify.json"
+    st = RunState.load(tmp_path)
+    with st.step(Step.VERIFY, artefact=art) as run:
+        assert not run.resumed
+        art.write_text("{}")
+        run.record(answer=42)
+    assert st.steps["verify"] == "ran" and st.seconds["verify"] >= 0
+    with st.step(Step.EXPORT) as run:
+        run.skip("export=False", complete=False)
+    assert st.steps["export"] == "skipped (export=False)"
+    with pytest.raises(RuntimeError), st.step(Step.FINETUNE) as run:
+        raise RuntimeError("interrupted")
+    saved = json.loads((tmp_path / "state.json").read_text())
+    assert saved["completed"] == ["verify"] and saved["values"]["answer"] == 42
+
+    again = RunState.load(tmp_path)
+    assert again.done(Step.VERIFY) and not again.done(Step.FINETUNE)
+    with again.step(Step.VERIFY, artefact=art) as run:
+        assert run.resumed
+    assert again.steps["verify"] == "skipped (done: verify.json)"
+    with again.step(Step.FINETUNE) as run:
+        assert not run.resumed  # the interrupted step runs again
+    art.unlink()  # a completed step whose artefact is gone runs again
+    with again.step(Step.VERIFY, artefact=art) as run:
+        assert not run.resumed
+    with again.step(Step.ANALYZE, resumable=False) as run:
+        assert not run.resumed
+    with pytest.raises(InvalidInputError, match="pipeline Step"), again.step("verify"):
+        pass
+    (tmp_path / "state.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(CorruptFileError, match="state version 99"):
+        RunState.load(tmp_path)
+
+
+def test_config_validation_errors_are_clear(tmp_path):
+    from autoprune.pipeline import FinetuneOptions, SearchConfig, run_pipeline
+
+    with pytest.raises(InvalidInputError, match="SearchConfig.n_trials must be an integer >= 1"):
+        SearchConfig(n_trials=0)
+    with pytest.raises(InvalidInputError, match="proxy_tolerance must be a finite number"):
+        SearchConfig(proxy_tolerance=float("nan"))
+    with pytest.raises(InvalidInputError, match="unknown search option 'trials'; SearchConfig "
+                                                "has .*n_trials"):
+        SearchConfig.from_options({"trials": 5})
+    with pytest.raises(InvalidInputError, match=r"search_options\['evaluator'\] is set by the "
+                                                r"pipeline; pass run_pipeline\(search_evaluator"):
+        SearchConfig.from_options({"evaluator": len})
+    assert SearchConfig.from_options({"strategy": "random"}, n_trials=7) == \
+        SearchConfig(n_trials=7, strategy="random")
+    with pytest.raises(InvalidInputError, match="FinetuneOptions.lr must be a finite number > 0"):
+        FinetuneOptions(lr=-1.0)
+    with pytest.raises(InvalidInputError, match="FinetuneOptions.epochs"):
+        FinetuneOptions(epochs=-1)
+    with pytest.raises(InvalidInputError, match=r"finetune_options\['epochs'\] is set by the "
+                                                r"pipeline; pass FinetuneOptions\(epochs"):
+        FinetuneOptions.from_options({"epochs": 2})
+    with pytest.raises(InvalidInputError, match="unknown fine-tuning option 'learning_rate'"):
+        FinetuneOptions.from_options({"learning_rate": 0.1})
+    assert FinetuneOptions.from_options({"lr": 0.1}, epochs=2).finetune_kwargs() == {"lr": 0.1}
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(InvalidInputError, match="n_trials given beside search_config"):
+        run_pipeline(_cnn(), x, latency_budget_ms=1.0, run_dir=tmp_path, n_trials=5,
+                     search_config=SearchConfig(), finetune_epochs=0)
+    with pytest.raises(InvalidInputError, match="finetune_epochs given beside finetune_config"):
+        run_pipeline(_cnn(), x, latency_budget_ms=1.0, run_dir=tmp_path, finetune_epochs=0,
+                     finetune_config=FinetuneOptions(epochs=0))
+    with pytest.raises(InvalidInputError, match="unknown search option"):
+        run_pipeline(_cnn(), x, latency_budget_ms=1.0, run_dir=tmp_path, finetune_epochs=0,
+                     search_options={"n_trails": 3})
+    assert not (tmp_path / "state.json").exists()  # refused before any work

@@ -210,3 +210,153 @@ def test_cli_search_prints_the_front(setup, tmp_path, capsys):
     if code == 0:
         plan = json.loads((tmp_path / "cli" / "best_plan.json").read_text())
         assert plan["model_name"]
+
+
+# --- the stages behind the facade (synthetic device: fast, deterministic) ---------------------
+@pytest.fixture(scope="module")
+def syn():
+    from _latency_helpers import synthetic_conv1d
+
+    return synthetic_conv1d(width=32)
+
+
+def _syn_search(s, **kw):
+    args = dict(device=s["backend"], latency_budget_ms=0.7 * s["dense_ms"], table=s["table"],
+                predictor=s["predict_ms"], spec=s["spec"], n_trials=8, progress=False)
+    args.update(kw)
+    return ap.search(s["model"], s["x"], **args)
+
+
+def test_trials_carry_plan_json_that_round_trips_to_the_plan(syn, tmp_path):
+    import optuna
+
+    from autoprune._search import PLAN_COLUMN
+    from autoprune.plan import PruningPlan
+    from autoprune.storage import make_storage
+
+    result = _syn_search(syn, run_dir=tmp_path / "run", verify_finalists=False)
+    t = result.trials
+    assert PLAN_COLUMN in t.columns and t[PLAN_COLUMN].map(bool).all()
+    study = optuna.load_study(study_name=result.study_name,
+                              storage=make_storage(None, tmp_path / "run"))
+    for trial in study.get_trials(deepcopy=False):
+        want = PruningPlan.from_dict(trial.user_attrs["plan"]).to_dict()
+        assert result.plan(trial.number).to_dict() == want
+        row = t.loc[t["trial"] == trial.number, PLAN_COLUMN].iloc[0]
+        assert PruningPlan.from_json(row).to_dict() == want
+    # the saved result keeps them (CSV round trip), and the finalists' plans are the trials'
+    again = SearchResult.load(tmp_path / "run")
+    for n in t["trial"]:
+        assert again.plan(int(n)).to_dict() == result.plan(int(n)).to_dict()
+    n = int(result.finalists["trial"].iloc[0])
+    assert result.finalists["plan"].iloc[0] == t.loc[t["trial"] == n, PLAN_COLUMN].iloc[0]
+    assert result.best_plan.to_dict() == result.plan(n).to_dict()
+    with pytest.raises(InvalidInputError, match="no trial 999"):
+        result.plan(999)
+
+
+def test_optimize_is_the_pure_stage(syn):
+    """optimize runs the study and returns trials; it takes no backend, so it measures nothing
+    on the device."""
+    import optuna
+
+    from autoprune._search import CachedProxy, latency_fn, optimize
+    from autoprune.strategies.base import SearchProblem
+
+    s = syn
+    space = ap.SearchSpace.from_spec(s["spec"], s["table"], s["backend"])
+
+    proxy = ImportanceProxy(s["model"], s["spec"]).fit()
+    budget = 0.6 * s["dense_ms"]
+    problem = SearchProblem(space=space, latency_ms=latency_fn(s["predict_ms"]),
+                            proxy=CachedProxy(proxy, None, None, s["spec"]), budget_ms=budget,
+                            storage=optuna.storages.InMemoryStorage(), study_name="pure")
+    trials = optimize(problem, "random", 6)
+    assert len(trials) == 6 and (trials["state"] == "COMPLETE").all()
+    assert (trials["feasible"] == (trials["predicted_latency_ms"] <= budget)).all()
+    assert trials["latency_low_ms"].isna().all()  # no latency model given: no band
+    with pytest.raises(InvalidInputError, match="n_trials must be"):
+        optimize(problem, "random", 0)
+
+
+def test_select_finalists_is_the_only_finalist_path(syn, tmp_path, monkeypatch):
+    """search() and run_pipeline both choose their plan through select_finalists."""
+    import autoprune._search._finalists as fin_module
+
+    calls = []
+    real = fin_module.select_finalists
+
+    def spy(trials, *a, **k):
+        calls.append((a[4], k))  # the budget
+        return real(trials, *a, **k)
+
+    monkeypatch.setattr(fin_module, "select_finalists", spy)
+    s = syn
+    from autoprune.budget import Budget
+
+    # the synthetic device's whole-model timings carry an overhead its table does not: check
+    # the measured finalists against a budget they can meet
+    result = _syn_search(s, finalist_budget=Budget.of(latency_budget_ms=1.0))
+    assert len(calls) == 1 and calls[0][0].ms == 1.0
+    assert result.best_plan is not None and result.finalists["chosen"].sum() == 1
+    from autoprune.pipeline import run_pipeline
+
+    rep = run_pipeline(s["model"], s["x"], budget_fraction=0.9, device="synthetic",
+                       run_dir=tmp_path / "pipe", table=s["table"], predictor=s["predict_ms"],
+                       n_trials=6, finetune_epochs=0, export=False, progress=False)
+    assert len(calls) == 2 and calls[1][0].is_fraction
+    assert calls[1][0].fraction == 0.9 and calls[1][1]["proxy_tolerance"] == 0.01
+    assert rep.budget_met is True
+    # nothing else in search/ or pipeline/ measures candidates against the dense model
+    import pathlib
+
+    import autoprune
+
+    root = pathlib.Path(autoprune.__file__).parent
+    users = sorted(str(p.relative_to(root)) for d in ("_search", "pipeline")
+                   for p in (root / d).glob("*.py") if "measure_ratio(" in p.read_text())
+    assert users == ["_search/_finalists.py", "pipeline/_anchor.py"]
+
+
+def test_fraction_budget_with_another_storage_reads_no_journal(syn, tmp_path):
+    """The old pipeline reopened the study from the default journal; with another storage it
+    read an empty file. Finalists now come from the trials' plan_json."""
+    from autoprune.pipeline import SearchConfig, run_pipeline
+
+    s = syn
+    db = tmp_path / "study.db"
+    run_dir = tmp_path / "run"
+    rep = run_pipeline(s["model"], s["x"], budget_fraction=0.9, device="synthetic",
+                       run_dir=run_dir, table=s["table"], predictor=s["predict_ms"],
+                       search_config=SearchConfig(n_trials=6, storage=f"sqlite:///{db}"),
+                       finetune_epochs=0, export=False, progress=False)
+    assert db.stat().st_size > 0
+    assert not list(run_dir.rglob("*.journal"))
+    fin = pd.read_csv(run_dir / "finalists.csv")
+    assert len(fin) >= 1 and fin["chosen"].sum() == 1
+    assert (fin.loc[fin["chosen"], "measured_ratio"] <= 0.9 * (1 - 0.05)).all()
+    assert rep.plan.to_json(indent=None) == fin.loc[fin["chosen"], "plan"].iloc[0]
+
+
+def test_candidate_order_and_choice_rule():
+    from autoprune._search import Finalists, candidate_order
+
+    trials = pd.DataFrame({
+        "trial": [0, 1, 2, 3, 4, 5],
+        "proxy": [0.90, 0.95, 0.949, 0.50, 0.80, 0.95],
+        "predicted_latency_ms": [0.4, 0.9, 1.0, 0.1, 0.3, 0.9],
+        "feasible": [True] * 6,
+        "state": ["COMPLETE"] * 6,
+        "plan_json": ["a", "b", "c", "d", "e", "b"],  # trial 5 repeats trial 1's plan
+    })
+    order = candidate_order(trials, proxy_tolerance=0.0)
+    assert order["trial"].tolist()[0] == 1 and 5 not in order["trial"].tolist()
+    assert order["role"].iloc[0] == "best"
+    assert set(order["role"]) <= {"best", "knee", "next"}
+    knee = order[order["role"] == "knee"]["trial"].tolist()
+    assert len(knee) <= 1 and order["trial"].tolist()[1:2] == (knee or [2])
+    tol = candidate_order(trials, proxy_tolerance=0.01)["trial"].tolist()
+    assert tol[:2] == [2, 1]  # ties within 0.01: larger predicted latency first
+    with pytest.raises(InvalidInputError, match="proxy_tolerance"):
+        candidate_order(trials, proxy_tolerance=-1)
+    assert Finalists(pd.DataFrame({"trial": [3], "chosen": [True]}), None).chosen_trial == 3

@@ -62,10 +62,10 @@ def main(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
-    from autoprune._search import _check_budget
+    from autoprune._search import check_budget
     from autoprune.cli.common import load_model, make_backend, parse_shape
 
-    _check_budget(args.budget_ms)  # fail on a bad budget before minutes of profiling
+    check_budget(args.budget_ms)  # fail on a bad budget before minutes of profiling
     model = load_model(args.model, args.model_kwargs, args.weights, num_classes=args.num_classes)
     shape = parse_shape(args.input_shape)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(args.seed))
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     progress = not args.quiet
 
     from autoprune._analyze import analyze
-    from autoprune._search import _run_stem, search
+    from autoprune._search import run_stem, search
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
     from autoprune.strategies import get_strategy
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     run_dir = args.run_dir
     if run_dir is None:  # the command line keeps its results; the library call would not
         device_name = getattr(backend, "name", "") or type(backend).__name__
-        run_dir = Path("runs") / _run_stem(spec, device_name, args.budget_ms,
+        run_dir = Path("runs") / run_stem(spec, device_name, args.budget_ms,
                                            get_strategy(args.strategy).name)
     table = profile(model, x, backend, spec=spec, root=args.tables_root, progress=progress)
     predictor: Any = "table"
