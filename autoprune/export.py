@@ -152,7 +152,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-    def prediction_lines(self, indent: str = "", band: str = "") -> list[str]:
+    def prediction_lines(self, indent: str = "", band: str = "", width: int = 13) -> list[str]:
         """The prediction against the measurement, for reports: at the device's speed now
         (re-anchored to dense measured in this run) when a reference was measured, as the
         share of dense, and as fitted (with the drift of the device's speed since)."""
@@ -161,7 +161,7 @@ class VerifyReport:
         out = []
         now, err = self.predicted_now_ms, self.ratio_prediction_error
         if now is not None and err is not None:
-            out.append(f"{indent}predicted     {now:.4g} ms at the device's speed now "
+            out.append(f"{indent}{'predicted':<{width}} {now:.4g} ms at the device's speed now "
                        f"({100 * err:+.1f}% vs measured {self.latency_ms:.4g} ms)")
             out.append(f"{indent}  as dense share {self.predicted_ratio:.3f} predicted vs "
                        f"{self.ratio:.3f} measured")
@@ -171,8 +171,8 @@ class VerifyReport:
             note = (f"; dense {self.reference.median_ms:.4g} ms now vs "
                     f"{self.predicted_reference_ms:.4g} ms predicted: the device's speed "
                     f"moved {100 * drift:+.1f}%")
-        label = "  as fitted   " if now is not None else "predicted    "
-        out.append(f"{indent}{label} {self.predicted_ms:.4g} ms{band} "
+        label = "  as fitted" if now is not None else "predicted"
+        out.append(f"{indent}{label:<{width}} {self.predicted_ms:.4g} ms{band} "
                    f"({100 * (self.prediction_error or 0):+.1f}% vs measured now{note})")
         return out
 

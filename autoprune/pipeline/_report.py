@@ -94,15 +94,9 @@ class PipelineReport:
                     f"paired ratio      {v.ratio:.3f} ± {100 * rel:.1f}% (IQR; pruned/dense, timed "
                     f"alternately) -> {v.paired_ms:.4g} ms, speed-up {v.speedup:.2f}x"
                 )
-            if self.predicted_ms is not None:
-                band = "" if self.predicted_band_ms is None else (
-                    f", band {self.predicted_band_ms[0]:.4g}-{self.predicted_band_ms[1]:.4g}")
-                lines.append(f"predicted         {self.predicted_ms:.4g} ms{band} "
-                             f"({100 * (v.prediction_error or 0):+.1f}% vs measured now)")
-            if v.ratio_prediction_error is not None:
-                lines.append(f"  as dense share  predicted {v.predicted_ratio:.3f} vs measured "
-                             f"{v.ratio:.3f} ({100 * v.ratio_prediction_error:+.1f}%; "
-                             "drift-free)")
+            band = "" if self.predicted_band_ms is None else (
+                f", band {self.predicted_band_ms[0]:.4g}-{self.predicted_band_ms[1]:.4g}")
+            lines += v.prediction_lines(band=band, width=17)
             verdict = {True: "MET", False: "NOT MET", None: "n/a"}[v.budget_met]
             lines.append(f"budget            {verdict} ({v.latency_ms:.4g} ms vs "
                          f"{self.budget_ms:.4g} ms)")
