@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from autoprune.backends.base import Backend
+from autoprune.backends.base import Backend, as_structure
 from autoprune.errors import AutoPruneError, InvalidInputError
 from autoprune.measure import ProtocolSettings, TimedCall
 from autoprune.types import DeviceInfo, LayerSpec, Structure
@@ -266,7 +266,7 @@ class TensorRTBackend(Backend):
         )
 
     def accelerates(self, structure: Structure | str, spec: LayerSpec | None = None) -> bool:
-        s = Structure(structure)
+        s = as_structure(structure)
         if s == Structure.NM:
             import torch
 
