@@ -69,7 +69,7 @@ class Importance(ABC):
 
 
 def _tp_group_scores(scorer: Any, group: Any) -> torch.Tensor | None:
-    scores = scorer(group)
+    scores: torch.Tensor | None = scorer(group)
     if scores is None:
         return None
     return scores.detach().float().reshape(-1)

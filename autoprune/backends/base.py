@@ -50,7 +50,7 @@ def as_structure(structure: Structure | str) -> Structure:
 def check_layer_items(items: Sequence[LayerItem]) -> list[LayerItem]:
     """Profiler work items with their structure normalised (``channel`` → ``none``, ``block``
     refused) and their density checked (a finite number in (0, 1])."""
-    from autoprune.backends.micro import normalize_structure
+    from autoprune.latency._table import normalize_structure
 
     out: list[LayerItem] = []
     for spec, structure, density in items:

@@ -127,7 +127,7 @@ class SyntheticBackend(Backend):
     def layer_cost_ms(self, spec: LayerSpec, structure: Structure | str = Structure.NONE,
                       density: float = 1.0) -> float:
         """Noise-free cost of one layer (ms)."""
-        from autoprune.backends.micro import normalize_structure
+        from autoprune.latency._table import normalize_structure
 
         structure = normalize_structure(structure)
         if self.cost_fn is not None:

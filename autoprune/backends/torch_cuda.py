@@ -219,7 +219,7 @@ class TorchCUDABackend(Backend):
                 run()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / n
+            return float(start.elapsed_time(end)) / n
 
         timed.keepalive = (m, args)  # type: ignore[attr-defined]
         return timed
