@@ -65,7 +65,7 @@ def _forward(model: nn.Module, x: Any) -> torch.Tensor:
         out = out[0]
     if hasattr(out, "logits"):
         out = out.logits
-    return cast(torch.Tensor, out)
+    return cast("torch.Tensor", out)
 
 
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int = 10,
