@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # autoprune developer entry point: creates/reuses .venv from the lock file, then
 #   ./dev.sh demo   - the main job end to end on the embedded default (CPU, ONNX Runtime)
-#   ./dev.sh test   - lint (ruff), then the whole test suite
+#   ./dev.sh test   - lint (ruff), type check (mypy), then the whole test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${AUTOPRUNE_VENV:-.venv}"
@@ -27,8 +27,10 @@ shift || true
 case "$cmd" in
     demo) exec "$VENV/bin/python" examples/quickstart.py "$@" ;;
     test)
-        # lint first (pyflakes, pycodestyle errors, import order; pyproject.toml [tool.ruff])
+        # lint first (pyflakes, pycodestyle errors, import order; pyproject.toml [tool.ruff]),
+        # then types (mypy --strict on autoprune/; pyproject.toml [tool.mypy])
         "$VENV/bin/ruff" check autoprune tests benchmarks examples
+        "$VENV/bin/python" -m mypy
         exec "$VENV/bin/python" -m pytest -q "$@" ;;
     *) echo "usage: ./dev.sh demo|test [args]" >&2; exit 2 ;;
 esac

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+#: a loader of (inputs, labels) batches
+Loader = DataLoader[tuple[torch.Tensor, ...]]
+
 
 def _split(n: int, test_share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -40,7 +43,7 @@ def digits_tensors(
 
 def digits_loaders(
     size: int = 32, channels: int = 3, batch_size: int = 64, seed: int = 0
-) -> tuple[DataLoader, DataLoader]:
+) -> tuple[Loader, Loader]:
     """(train, test) loaders of sklearn digits; the train loader shuffles with ``seed``."""
     train, test = digits_tensors(size=size, channels=channels, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -64,7 +67,7 @@ def mnist1d_tensors(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
     )
 
 
-def mnist1d_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def mnist1d_loaders(batch_size: int = 64, seed: int = 0) -> tuple[Loader, Loader]:
     """(train, test) loaders of MNIST-1D, inputs shaped (N, 1, 40)."""
     train, test = mnist1d_tensors(seed=seed)
     g = torch.Generator().manual_seed(seed)

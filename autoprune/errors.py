@@ -43,7 +43,7 @@ class UnknownNameError(AutoPruneError, KeyError):
         super().__init__(f"unknown {kind} {name!r}; known: {', '.join(self.known)}")
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
-        return self.args[0]
+        return str(self.args[0])
 
 
 class TableMismatchError(AutoPruneError):
@@ -54,7 +54,7 @@ class TableMissError(AutoPruneError, KeyError):
     """A latency-table lookup found no entry and the miss policy is ``raise``."""
 
     def __str__(self) -> str:
-        return self.args[0]
+        return str(self.args[0])
 
 
 class CorruptFileError(AutoPruneError):

@@ -23,7 +23,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def _forward(model: nn.Module, x: Any) -> torch.Tensor:
         out = out[0]
     if hasattr(out, "logits"):
         out = out.logits
-    return out
+    return cast("torch.Tensor", out)
 
 
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int = 10,

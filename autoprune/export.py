@@ -326,9 +326,8 @@ def export_tensorrt(onnx_path: str | Path, engine_path: str | Path, fp16: bool =
     onnx_path = Path(onnx_path)
     if not onnx_path.exists():
         raise InvalidInputError(f"ONNX file {onnx_path} does not exist; run export_onnx first")
-    from autoprune.backends import backend_class
+    from autoprune.backends.tensorrt import TensorRTBackend as cls
 
-    cls = backend_class("tensorrt")
     if not cls.is_available():
         raise BackendUnavailable(cls.unavailable_reason())
     be = cls(fp16=fp16, sparse_weights=sparse_weights, workspace_mb=workspace_mb)

@@ -10,6 +10,15 @@ Every criterion scores two things:
 Built in (``IMPORTANCES``): ``l1``, ``l2`` (magnitude), ``taylor`` (|gradient x weight|, needs
 gradients of a real loss, see ``needs_gradients``), ``bn_gamma`` (network slimming: |gamma| of
 the BatchNorm layers in the group) and ``random`` (seeded).
+
+What every criterion promises (``tests/test_importance_conformance.py`` checks each one):
+scores are finite, non-negative floats, one per root channel of the group (``channel_scores``)
+or per weight element (``weight_scores``); the same inputs give the same scores (for
+``random``: a fresh instance with the same seed); scores belong to the channels, not to their
+positions (permuting a group's channels consistently permutes its scores; all but ``random``);
+the sign of a weight does not matter; the magnitude criteria rank channels the same way when
+every weight is scaled by the same positive factor; a criterion that ``needs_gradients``
+refuses to score without them (``InvalidInputError``).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import Any
 
 import torch
 
-from autoprune.errors import UnknownNameError
+from autoprune.errors import InvalidInputError, UnknownNameError
 
 __all__ = [
     "IMPORTANCES",
@@ -60,7 +69,7 @@ class Importance(ABC):
 
 
 def _tp_group_scores(scorer: Any, group: Any) -> torch.Tensor | None:
-    scores = scorer(group)
+    scores: torch.Tensor | None = scorer(group)
     if scores is None:
         return None
     return scores.detach().float().reshape(-1)
@@ -99,6 +108,14 @@ class TaylorImportance(Importance):
     def channel_scores(self, group: Any) -> torch.Tensor:
         import torch_pruning as tp
 
+        for dep, _ in group:
+            w = getattr(dep.target.module, "weight", None)
+            if isinstance(w, torch.Tensor) and w.requires_grad and w.grad is None:
+                raise InvalidInputError(
+                    f"taylor importance needs gradients, but {dep.target.name} has none: run "
+                    "loss.backward() on a real batch first (apply_plan does it from "
+                    "batch=(x, y)), or choose l1, l2, bn_gamma or random"
+                )
         scores = _tp_group_scores(tp.importance.GroupTaylorImportance(), group)
         if scores is None:
             scores = torch.zeros(len(group[0].idxs))
@@ -108,8 +125,14 @@ class TaylorImportance(Importance):
         self, weight: torch.Tensor, grad: torch.Tensor | None, gamma: torch.Tensor | None
     ) -> torch.Tensor:
         if grad is None:
-            raise RuntimeError(
-                "taylor importance needs gradients; apply_plan computes them from batch=(x, y)"
+            raise InvalidInputError(
+                "taylor importance needs gradients (grad=None given); apply_plan computes them "
+                "from batch=(x, y)"
+            )
+        if grad.shape != weight.shape:
+            raise InvalidInputError(
+                f"taylor importance: grad of shape {tuple(grad.shape)} for a weight of shape "
+                f"{tuple(weight.shape)}; pass the weight's own gradient"
             )
         return (weight.detach() * grad.detach()).abs()
 
@@ -181,7 +204,12 @@ def get_importance(importance: str | Importance, seed: int = 0) -> Importance:
     """An ``Importance`` from a registry name (l1, l2, taylor, bn_gamma, random) or as given."""
     if isinstance(importance, Importance):
         return importance
-    if not isinstance(importance, str) or importance not in IMPORTANCES:
+    if not isinstance(importance, str):
+        raise InvalidInputError(
+            f"importance must be a name ({', '.join(IMPORTANCES)}) or an Importance instance, "
+            f"got {type(importance).__name__} {importance!r}"
+        )
+    if importance not in IMPORTANCES:
         raise UnknownNameError("importance", str(importance), list(IMPORTANCES))
     if importance == "l1":
         return MagnitudeImportance(1)

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,10 +29,10 @@ from typing import Any
 
 from autoprune.errors import CorruptFileError, StorageError
 
-try:
-    import fcntl as _fcntl
-except ImportError:  # Windows
-    _fcntl = None  # type: ignore[assignment]
+if sys.platform == "win32":  # pragma: no cover - Windows only
+    import msvcrt
+else:
+    import fcntl
 
 LOCK_NAME = ".lock"
 #: seconds between attempts while waiting for a lock with a timeout
@@ -115,34 +116,30 @@ def _acquire(fd: int, path: Path, shared: bool, timeout_s: float | None) -> None
 
 
 def _try_lock(fd: int, shared: bool, block: bool) -> bool:
-    if _fcntl is not None:
-        op = _fcntl.LOCK_SH if shared else _fcntl.LOCK_EX
-        try:
-            _fcntl.flock(fd, op if block else op | _fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-    import msvcrt  # pragma: no cover - Windows only
-
-    os.lseek(fd, 0, os.SEEK_SET)  # pragma: no cover
-    while True:  # pragma: no cover
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            if not block:
-                return False
-            time.sleep(_LOCK_POLL_S)
+    if sys.platform == "win32":  # pragma: no cover - Windows only
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not block:
+                    return False
+                time.sleep(_LOCK_POLL_S)
+    op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        fcntl.flock(fd, op if block else op | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _release(fd: int) -> None:
-    if _fcntl is not None:
-        _fcntl.flock(fd, _fcntl.LOCK_UN)
+    if sys.platform == "win32":  # pragma: no cover - Windows only
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
         return
-    import msvcrt  # pragma: no cover - Windows only
-
-    os.lseek(fd, 0, os.SEEK_SET)  # pragma: no cover
-    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # pragma: no cover
+    fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -103,7 +103,8 @@ def _export_torchscript(model: nn.Module, args: tuple[Any, ...], opset: int,
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, buf, opset_version=opset, input_names=names, dynamo=False,
+            model, args, buf,  # type: ignore[arg-type]  # the torchscript exporter takes a buffer
+            opset_version=opset, input_names=names, dynamo=False,
             do_constant_folding=True,
         )
     return buf.getvalue()
@@ -117,4 +118,5 @@ def _export_dynamo(model: nn.Module, args: tuple[Any, ...], opset: int,
             model, args, dynamo=True, opset_version=max(opset, 18), input_names=names,
             verbose=False,
         )
-    return program.model_proto.SerializeToString()  # type: ignore[union-attr]
+    data: bytes = program.model_proto.SerializeToString()  # type: ignore[union-attr]
+    return data

@@ -156,13 +156,14 @@ class SearchSpace:
         if groups is not None and not isinstance(groups, dict):
             raise SearchSpaceError(f"groups must be a mapping of group-name pattern -> overrides "
                                    f"(allowed keys: {', '.join(GROUP_OPTIONS)}), got {groups!r}")
+        group_options = dict(groups or {})
         options = {
             "alignment": alignment, "min_keep_ratio": min_keep_ratio, "min_units": min_units,
             "structures": [str(Structure(s)) if not isinstance(s, Structure) else s.value
                            for s in _structures(structures, "structures")],
             "nm": nm, "nm_n": nm_n, "nm_m": nm_m, "allow_unstructured": allow_unstructured,
             "allow_block": allow_block, "frozen": list(frozen), "importance": importance,
-            "max_grid": max_grid, "groups": dict(groups or {}),
+            "max_grid": max_grid, "groups": group_options,
         }
         _validate_options(options, spec)
         align = _resolve_alignment(alignment, table)
@@ -178,7 +179,7 @@ class SearchSpace:
 
         choices: dict[str, GroupChoices] = {}
         for g in spec.groups.values():
-            over = _overrides_for(g.name, options["groups"])
+            over = _overrides_for(g.name, group_options)
             is_frozen = any(fnmatch.fnmatchcase(g.name, p) for p in frozen)
             is_frozen = bool(over.get("frozen", is_frozen))
             if g.kind == "block":
@@ -578,9 +579,9 @@ def _nm_helps(spec: ModelSpec, g: PrunableGroup, table: Any | None, n: int, m: i
 
 def _lookup_nm(table: Any, spec: Any, density: float) -> float:
     try:
-        return table.lookup(spec, Structure.NM, policy="raise", density=density)
+        return float(table.lookup(spec, Structure.NM, policy="raise", density=density))
     except TypeError:
-        return table.lookup(spec, Structure.NM, policy="raise")
+        return float(table.lookup(spec, Structure.NM, policy="raise"))
 
 
 def _width_grid(units: int, alignment: int, lo_ratio: float, hi_ratio: float,

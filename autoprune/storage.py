@@ -245,19 +245,22 @@ def trial_heartbeat(study: optuna.Study, trial: optuna.trial.BaseTrial) -> Itera
             value = evaluate(trial)
         study.tell(trial, value)
     """
-    from optuna.storages._heartbeat import is_heartbeat_enabled
+    from optuna.storages._heartbeat import BaseHeartbeat
 
     storage = study._storage
-    if not is_heartbeat_enabled(storage):
+    # optuna's is_heartbeat_enabled, written so that the type checker sees the narrowing
+    if not isinstance(storage, BaseHeartbeat) or (
+            interval := storage.get_heartbeat_interval()) is None:
         yield
         return
-    interval_s = float(storage.get_heartbeat_interval())
+    heartbeat: BaseHeartbeat = storage
+    interval_s = float(interval)
     trial_id = trial._trial_id  # type: ignore[attr-defined]
     stop = threading.Event()
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
+            heartbeat.record_heartbeat(trial_id)
             if stop.wait(interval_s):
                 return
 

@@ -37,4 +37,5 @@ def torchvision_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.
         from autoprune.errors import UnknownNameError
 
         raise UnknownNameError("torchvision model", name, torchvision.models.list_models())
-    return fn(weights=None, num_classes=num_classes, **kwargs)
+    model: nn.Module = fn(weights=None, num_classes=num_classes, **kwargs)
+    return model

@@ -20,9 +20,12 @@ hardware is missing raises ``BackendUnavailable`` saying what to install.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autoprune.errors import UnknownNameError
+
+if TYPE_CHECKING:
+    from autoprune.backends.base import Backend
 
 # name -> (module, class); imported on first use so that torch-cuda/tensorrt cost nothing here
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -33,15 +36,16 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
-def backend_class(name: str) -> type:
+def backend_class(name: str) -> type[Backend]:
     """The class registered under ``name`` (``UnknownNameError`` if there is none)."""
     if name not in _REGISTRY:
         raise UnknownNameError("backend", name, list(_REGISTRY))
     module, cls = _REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)
+    found: type[Backend] = getattr(importlib.import_module(module), cls)
+    return found
 
 
-def get_backend(name: str, **options: Any) -> Any:
+def get_backend(name: str, **options: Any) -> Backend:
     """Construct the backend ``name`` with ``options`` (see the module docstring).
 
     Raises ``UnknownNameError`` for an unknown name and ``BackendUnavailable`` (naming what to

@@ -37,6 +37,33 @@ from autoprune.types import DeviceInfo, LatencySample, LayerSpec, Structure
 LayerItem = tuple[LayerSpec, Structure, float]
 
 
+def as_structure(structure: Structure | str) -> Structure:
+    """``structure`` as a ``Structure``; an unknown name is an ``InvalidInputError``."""
+    try:
+        return Structure(structure)
+    except ValueError:
+        raise InvalidInputError(
+            f"unknown structure {structure!r}; use one of {[s.value for s in Structure]}"
+        ) from None
+
+
+def check_layer_items(items: Sequence[LayerItem]) -> list[LayerItem]:
+    """Profiler work items with their structure normalised (``channel`` → ``none``, ``block``
+    refused) and their density checked (a finite number in (0, 1])."""
+    from autoprune.latency._table import normalize_structure
+
+    out: list[LayerItem] = []
+    for spec, structure, density in items:
+        d = float(density)
+        if not 0.0 < d <= 1.0:  # also refuses NaN
+            raise InvalidInputError(
+                f"density={density!r} for {structure} layer {spec}; use a fraction of kept "
+                "weights in (0, 1] (1.0 for dense)"
+            )
+        out.append((spec, normalize_structure(structure), d))
+    return out
+
+
 class Backend(ABC):
     """A device + runtime. Construct through ``autoprune.get_backend(name, **options)``.
 
@@ -81,7 +108,7 @@ class Backend(ABC):
         With ``spec`` given, whether it can for that layer (e.g. 2:4 only for linear layers
         in ``torch-cuda``).
         """
-        return Structure(structure) in (Structure.NONE, Structure.CHANNEL)
+        return as_structure(structure) in (Structure.NONE, Structure.CHANNEL)
 
     # --- primitives ----------------------------------------------------------------------
     @abstractmethod
@@ -99,14 +126,12 @@ class Backend(ABC):
         self, spec: LayerSpec, structure: Structure | str = Structure.NONE, density: float = 1.0
     ) -> LatencySample:
         """Time one layer (with its fused ops) as a single-layer micro-model."""
-        return self.measure_layers([(spec, Structure(structure), density)])[0]
+        return self.measure_layers([(spec, as_structure(structure), density)])[0]
 
     def measure_layers(self, items: Sequence[LayerItem]) -> list[LatencySample]:
         """Time several table entries, interleaved round-robin; one sample per item."""
-        from autoprune.backends.micro import normalize_structure
-
         self._require()
-        timers = [self._timer_for_layer(s, normalize_structure(st), float(d)) for s, st, d in items]
+        timers = [self._timer_for_layer(s, st, d) for s, st, d in check_layer_items(items)]
         return measure_interleaved(timers, self.protocol)
 
     def measure_model(self, model: nn.Module, example_inputs: Any) -> LatencySample:

@@ -112,7 +112,10 @@ class OnnxRuntimeCPUBackend(Backend):
             )
         feeds = {n: a.detach().cpu().numpy() for n, a in zip(names, args)}
         probe = _core.session_timer(sess, feeds)
-        n = _core.calibrate_calls(lambda: probe(), self.protocol.min_sample_ms)
+        def run_once() -> None:
+            probe()
+
+        n = _core.calibrate_calls(run_once, self.protocol.min_sample_ms)
         return _core.session_timer(sess, feeds, calls_per_sample=n)
 
     def options_repr(self) -> str:

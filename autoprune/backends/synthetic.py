@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from autoprune.backends.base import Backend, LayerItem
+from autoprune.backends.base import Backend, LayerItem, as_structure, check_layer_items
 from autoprune.errors import BackendUnavailable, InvalidInputError
 from autoprune.measure import ProtocolSettings, TimedCall, to_sample
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, OpKind, Structure
@@ -118,7 +118,7 @@ class SyntheticBackend(Backend):
         )
 
     def accelerates(self, structure: Structure | str, spec: LayerSpec | None = None) -> bool:
-        s = Structure(structure)
+        s = as_structure(structure)
         if s == Structure.NM:
             return self.accelerate_nm and (spec is None or spec.op.value != "attention")
         return s in (Structure.NONE, Structure.CHANNEL)
@@ -127,7 +127,7 @@ class SyntheticBackend(Backend):
     def layer_cost_ms(self, spec: LayerSpec, structure: Structure | str = Structure.NONE,
                       density: float = 1.0) -> float:
         """Noise-free cost of one layer (ms)."""
-        from autoprune.backends.micro import normalize_structure
+        from autoprune.latency._table import normalize_structure
 
         structure = normalize_structure(structure)
         if self.cost_fn is not None:
@@ -189,7 +189,7 @@ class SyntheticBackend(Backend):
         return lambda: cost * (1.0 + self.noise * float(self._rng.standard_normal()))
 
     def measure_layers(self, items: Sequence[LayerItem]) -> list[LatencySample]:
-        return [self._noisy(self.layer_cost_ms(s, st, d)) for s, st, d in items]
+        return [self._noisy(self.layer_cost_ms(s, st, d)) for s, st, d in check_layer_items(items)]
 
     def measure_interleaved(self, models: Sequence[nn.Module], example_inputs: Any
                             ) -> list[LatencySample]:

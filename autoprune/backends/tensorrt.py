@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from autoprune.backends.base import Backend
+from autoprune.backends.base import Backend, as_structure
 from autoprune.errors import AutoPruneError, InvalidInputError
 from autoprune.measure import ProtocolSettings, TimedCall
 from autoprune.types import DeviceInfo, LayerSpec, Structure
@@ -50,7 +50,9 @@ class EngineBuildError(AutoPruneError):
 # --------------------------------------------------------------------------------------------
 def split_top_level(text: str, sep: str = ",") -> list[str]:
     """Split on ``sep`` outside (), [] and {} brackets; parts stripped, empties dropped."""
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "([{":
             depth += 1
@@ -266,7 +268,7 @@ class TensorRTBackend(Backend):
         )
 
     def accelerates(self, structure: Structure | str, spec: LayerSpec | None = None) -> bool:
-        s = Structure(structure)
+        s = as_structure(structure)
         if s == Structure.NM:
             import torch
 
@@ -308,7 +310,7 @@ class TensorRTBackend(Backend):
         engine._autoprune_keepalive = (runtime, logger)  # keep the runtime alive with it
         return engine
 
-    def _prepare(self, model: nn.Module, example_inputs: Any) -> tuple[Any, Any, Any, list]:
+    def _prepare(self, model: nn.Module, example_inputs: Any) -> tuple[Any, Any, Any, list[Any]]:
         import tensorrt as trt
         import torch
 
@@ -354,7 +356,7 @@ class TensorRTBackend(Backend):
             run()
             end.record(stream)
             end.synchronize()
-            return start.elapsed_time(end)
+            return float(start.elapsed_time(end))
 
         timed.keepalive = (engine, ctx, buffers)  # type: ignore[attr-defined]
         return timed
@@ -370,7 +372,7 @@ class TensorRTBackend(Backend):
         engine, ctx, stream, buffers = self._prepare(model, example_inputs)
         records: list[list[tuple[str, float]]] = []
 
-        class _Profiler(trt.IProfiler):  # type: ignore[misc, name-defined]
+        class _Profiler(trt.IProfiler):  # type: ignore[misc]
             def __init__(self) -> None:
                 trt.IProfiler.__init__(self)
                 self.current: list[tuple[str, float]] = []
@@ -396,7 +398,7 @@ class TensorRTBackend(Backend):
 
 
 def _make_logger(trt: Any) -> Any:
-    class _Capture(trt.ILogger):  # type: ignore[misc, name-defined]
+    class _Capture(trt.ILogger):  # type: ignore[misc]
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.records: list[tuple[Any, str]] = []

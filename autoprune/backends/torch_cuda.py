@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from autoprune.backends.base import Backend
+from autoprune.backends.base import Backend, as_structure
 from autoprune.errors import BackendUnavailable, InvalidInputError
 from autoprune.measure import ProtocolSettings, TimedCall
 from autoprune.types import DeviceInfo, LayerSpec, OpKind, Structure
@@ -155,7 +155,7 @@ class TorchCUDABackend(Backend):
         return 8 if self.dtype in ("fp16", "bf16") else 4
 
     def accelerates(self, structure: Structure | str, spec: LayerSpec | None = None) -> bool:
-        s = Structure(structure)
+        s = as_structure(structure)
         if s == Structure.NM:
             major = torch.cuda.get_device_capability(self.device_index)[0]
             ok = major >= 8 and self.dtype in ("fp16", "bf16")
@@ -219,7 +219,7 @@ class TorchCUDABackend(Backend):
                 run()
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / n
+            return float(start.elapsed_time(end)) / n
 
         timed.keepalive = (m, args)  # type: ignore[attr-defined]
         return timed

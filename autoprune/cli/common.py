@@ -6,6 +6,7 @@ import argparse
 import importlib
 import inspect
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from autoprune.errors import InvalidInputError
@@ -53,6 +54,7 @@ def load_model(factory: str, kwargs_json: str | None = None, weights: str | None
         raise InvalidInputError("--model-kwargs must be a JSON object")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):

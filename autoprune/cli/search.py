@@ -115,5 +115,5 @@ def main(args: argparse.Namespace) -> int:
     if result.best_plan is None:
         print("no plan met the budget when measured (see notes)")
         return 1
-    print(f"best plan: {result.run_dir / 'best_plan.json'}")
+    print(f"best plan: {(result.run_dir or Path(run_dir)) / 'best_plan.json'}")
     return 0

@@ -286,7 +286,8 @@ class PlanFeaturizer:
                     keys.append(k)
                 inv[i] = pos
         vals = np.array([self._lookup(k) for k in keys], dtype=float).reshape(len(keys), 6)
-        return vals[inv].T
+        out: np.ndarray = vals[inv].T
+        return out
 
     def _lookup(self, key: tuple[int, int, int, int, float]) -> tuple[float, ...]:
         hit = self._cache.get(key)

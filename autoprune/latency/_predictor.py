@@ -358,7 +358,8 @@ class LatencyPredictor:
             "params": self.get_params(),
             "regressor_selected": getattr(self, "regressor_", None),
             "feature_names": self.feature_names_,
-            "device": device.to_dict() if hasattr(device, "to_dict") else None,
+            "device": device.to_dict() if device is not None and hasattr(device, "to_dict")
+            else None,
             "table_alignment": self.alignment_,
             "spec": self.spec_.to_dict(),
         })
@@ -559,7 +560,7 @@ class LatencyPredictor:
         return best, (scores if reg == Regressor.AUTO else {}), oof[best]
 
     def _floored(self, pred: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return np.maximum(pred, MIN_TABLE_SHARE * x[:, 0])
+        return np.asarray(np.maximum(pred, MIN_TABLE_SHARE * x[:, 0]), dtype=float)
 
     def _active_loop(self, model: Any, example_inputs: Any, backend: Any, progress: bool) -> None:
         import pandas as pd

@@ -34,7 +34,7 @@ from autoprune.latency._rules import (
     cached_kernel_rules,
     staircase_rss,
 )
-from autoprune.latency._table import LatencyTable, entry_key
+from autoprune.latency._table import EntryKey, LatencyTable, entry_key
 from autoprune.types import LayerSpec, ModelSpec, OpKind, Segment, Structure, keep_units
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def enumerate_items(
     for g in spec.groups.values():
         if Structure.NM in g.allowed:
             producers_nm.update(g.producers)
-    seen: dict[tuple, None] = {}
+    seen: dict[EntryKey, None] = {}
     for lay in spec.layers.values():
         ins = width_grid(lay.in_segments, spec, alignment, widths)
         outs = width_grid(lay.out_segments, spec, alignment, widths)
@@ -189,7 +189,7 @@ def enumerate_items(
                 elif (st == Structure.NM and lay.name in producers_nm and backend is not None
                       and backend.accelerates(st, s)):
                     seen.setdefault(entry_key(s, st, 0.5), None)
-    return list(seen)  # type: ignore[arg-type]
+    return list(seen)
 
 
 def _off_path_pairs(spec: LayerSpec, ins: list[int], outs: list[int],

@@ -53,7 +53,7 @@ class _LinearModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         # the same arithmetic as LinearRegression.predict without its per-call validation
-        return self._design(x) @ self.model.coef_
+        return np.asarray(self._design(x) @ self.model.coef_, dtype=float)
 
 
 class _BoostedModel:
@@ -79,7 +79,7 @@ class _BoostedModel:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.linear.predict(x) + self.trees.predict(x)
+        return np.asarray(self.linear.predict(x) + self.trees.predict(x), dtype=float)
 
 
 class _RatioGBR:
@@ -100,7 +100,7 @@ class _RatioGBR:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict(x) * x[:, self.table_col]
+        return np.asarray(self.model.predict(x) * x[:, self.table_col], dtype=float)
 
 
 

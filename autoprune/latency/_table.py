@@ -567,8 +567,8 @@ class LatencyTable:
             text = csv_bytes.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CorruptFileError(f"{cpath}: not UTF-8 text ({e})") from None
-        for e in _read_csv(cpath, text):
-            table._entries[(e.spec, e.structure, e.density)] = e
+        for entry in _read_csv(cpath, text):
+            table._entries[(entry.spec, entry.structure, entry.density)] = entry
         if len(table._entries) < n_entries:
             raise CorruptFileError(
                 f"{cpath}: line {len(table._entries) + 2}: truncated: {len(table._entries)} "

@@ -19,7 +19,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 
@@ -31,7 +31,10 @@ if TYPE_CHECKING:
     from autoprune.plan import PruningPlan
     from autoprune.space import SearchSpace
 
-MAXIMIZE, MINIMIZE = "maximize", "minimize"
+#: an objective's direction, as Optuna spells it
+Direction = Literal["maximize", "minimize"]
+MAXIMIZE: Final = "maximize"
+MINIMIZE: Final = "minimize"
 
 
 class TrialFailure(Exception):
@@ -68,7 +71,7 @@ class SearchProblem:
     study: Any = None
 
     # --- study ---------------------------------------------------------------------------
-    def open_study(self, directions: list[str], sampler: Any, strategy_name: str
+    def open_study(self, directions: list[Direction], sampler: Any, strategy_name: str
                    ) -> optuna.Study:
         """Create or load (resume) the study; a stored study made for other objectives is an
         error naming both."""
@@ -220,7 +223,7 @@ class Strategy(ABC):
     name: str = ""
     #: objective directions: ["maximize"] (proxy under the budget constraint) or
     #: ["maximize", "minimize"] (proxy vs predicted latency)
-    directions: list[str] = [MAXIMIZE]
+    directions: list[Direction] = [MAXIMIZE]
 
     @abstractmethod
     def sampler(self, seed: int) -> Any:

@@ -89,8 +89,8 @@ def make_env(problem: SearchProblem, max_episodes: int | None = None) -> Any:
                 self.cur_ms / self.dense_ms, problem.budget_ms / self.dense_ms, self.prev,
             ], dtype=np.float32)
 
-        def reset(self, *, seed: int | None = None, options: dict | None = None
-                  ) -> tuple[np.ndarray, dict]:
+        def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
             super().reset(seed=seed)
             self.t = 0
             self.idxs = [len(c.widths) - 1 for c in groups]
@@ -98,7 +98,7 @@ def make_env(problem: SearchProblem, max_episodes: int | None = None) -> Any:
             self.cur_ms = self.dense_ms
             return self._obs(), {}
 
-        def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
+        def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
             c = groups[self.t]
             a = float(np.clip(np.asarray(action).reshape(-1)[0], 0.0, 1.0))
             # widest width still allowing the budget with every later group at its narrowest
