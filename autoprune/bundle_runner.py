@@ -271,8 +271,9 @@ def cpu_fingerprint() -> Dict[str, Any]:
     if m in _ARM_MACHINES or m.startswith("arm"):
         board = (_read_text("/proc/device-tree/model", 256)
                  or _read_text("/sys/class/dmi/id/product_name", 256))
-        if "cpu implementer" not in cpuinfo.lower():
-            lscpu = _lscpu_text()
+        low = cpuinfo.lower()
+        if "cpu implementer" not in low and "vendor_id" not in low:
+            lscpu = _lscpu_text()  # no ARM lines, and not an emulator's x86 host file either
     fp = fingerprint_from(machine, cpuinfo, lscpu, board)
     if fp["device_name"] == machine and platform.processor():
         fp["device_name"] = " ".join(platform.processor().split())

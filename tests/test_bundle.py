@@ -350,3 +350,68 @@ def test_bundle_kernel_rules_round_trip(tmp_path):
         export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), tmp_path / "c",
                       spec=small_spec(16), protocol=QUICK, rules_widths=[8, 16], progress=False)
 
+
+
+# --------------------------------------------------------------------------------------------
+# The round trip on an emulated aarch64 userland (QEMU user mode)
+# --------------------------------------------------------------------------------------------
+def _arm_userland() -> dict:
+    """The userland ``benchmarks/arm_emulated.sh`` built (its env.json), or a skip saying how
+    to get one."""
+    import shutil
+
+    how = ("needs qemu-user-static and an arm64 root filesystem with the aarch64 numpy and "
+           "onnxruntime wheels: apt-get install -y qemu-user-static mmdebstrap, then run "
+           "benchmarks/arm_emulated.sh once (it writes $AUTOPRUNE_ARM_ROOT/env.json, default "
+           "~/.cache/autoprune-arm)")
+    if shutil.which("qemu-aarch64-static") is None:
+        pytest.skip(f"qemu-aarch64-static not found; {how}")
+    root = Path(os.environ.get("AUTOPRUNE_ARM_ROOT") or Path.home() / ".cache/autoprune-arm")
+    env_file = root / "env.json"
+    if not env_file.exists():
+        pytest.skip(f"no arm64 userland at {root}; {how}")
+    env = json.loads(env_file.read_text())
+    if not all(Path(env[k]).exists() for k in ("rootfs", "python", "site")):
+        pytest.skip(f"{env_file} names paths that are gone; {how}")
+    return env
+
+
+@pytest.mark.arm
+@pytest.mark.slow
+def test_bundle_round_trip_on_emulated_aarch64(tmp_path, tmp_tables):
+    """Export here, run the runner with the aarch64 interpreter and the aarch64 onnxruntime
+    under QEMU, import: the table is labelled aarch64, the emulator is detected and said, the
+    import warns, and the table is refused for this x86 search."""
+    import platform
+
+    from autoprune._search import _check_table_device
+    from autoprune.errors import TableMismatchError
+
+    env = _arm_userland()
+    out = tmp_path / "b"
+    export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), out, spec=small_spec(16),
+                  alignment=16, widths=[0.5, 1.0], protocol=QUICK, progress=False)
+    proc = subprocess.run(
+        ["qemu-aarch64-static", "-L", env["rootfs"], env["python"], "-S",
+         str(out / "run_bundle.py"), str(out), "--threads", "1", "--quiet"],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": env["site"], "LC_ALL": "C.UTF-8"},
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(proc.stdout.strip()).read_text())
+    dev = results["device"]
+    assert dev["arch"] == "aarch64" and results["environment"]["machine"] == "aarch64"
+    assert dev["runtime"].startswith("onnxruntime ")
+    assert "CPUExecutionProvider" in results["environment"]["providers_available"]
+    if platform.machine() == "x86_64":  # QEMU shows the host's /proc/cpuinfo: detected
+        assert dev["device_name"].startswith("emulated aarch64") and dev["isa_flags"] == ["neon"]
+        assert "emulator" in proc.stderr and results["fingerprint_notes"]
+    with pytest.warns(UserWarning, match="not trustworthy"):
+        table = import_bundle(Path(proc.stdout.strip()))
+    assert len(table) == sum(1 for e in json.loads((out / "manifest.json").read_text())
+                             ["entries"] if "grid" in e["kind"])
+    assert "_aarch64_" in table.device_id and "[aarch64]" in table.notes
+    d = table.save(LatencyTable.default_dir(table.device, tmp_tables))
+    local = ap.get_backend("onnxruntime-cpu", threads=1, protocol=QUICK)
+    if local.device_info().arch != "aarch64":
+        with pytest.raises(TableMismatchError, match="measured on aarch64"):
+            _check_table_device(LatencyTable.load(d), local)
