@@ -207,7 +207,7 @@ def export_bundle(
     return atomic_write_json(out / "manifest.json", manifest)
 
 
-def _device_label(device: DeviceInfo) -> str:
+def device_label(device: DeviceInfo) -> str:
     """'<device name> [<arch>], <runtime>, <threads> thread(s)': how a table names its device."""
     return (f"{device.device_name} [{device.arch}], {device.runtime}, "
             f"{device.threads} thread{'s' if device.threads != 1 else ''}")
@@ -242,7 +242,7 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
         fp_notes = [str(n) for n in results.get("fingerprint_notes") or []]
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{rpath}: malformed results ({type(e).__name__}: {e})") from None
-    label = _device_label(device)
+    label = device_label(device)
     env_txt = ", ".join(f"{k} {v}" for k, v in sorted(env.items()))
     notes = (f"imported from bundle {manifest['bundle_id']} ({manifest.get('model_name', '')}); "
              f"measured on {label}" + (f"; runner environment: {env_txt}" if env_txt else "")

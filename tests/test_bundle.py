@@ -415,3 +415,52 @@ def test_bundle_round_trip_on_emulated_aarch64(tmp_path, tmp_tables):
     if local.device_info().arch != "aarch64":
         with pytest.raises(TableMismatchError, match="measured on aarch64"):
             _check_table_device(LatencyTable.load(d), local)
+
+
+@pytest.mark.parametrize("step, warns", [(4, False), (32, True)])
+def test_import_fits_neon_style_rules_from_runner_timings(tmp_path, step, warns):
+    """Results as a NEON board's runner would write them (the output staircase steps every 4
+    channels: 4 floats per vector; inputs and depthwise channels off a multiple of 4 cost
+    1.3x): the import finds step 4, which the bundle's grids cover; a step the grids do not
+    cover (32) is warned about with the export to redo."""
+    import math
+    import warnings as _w
+
+    widths = list(range(40, 81))
+    manifest = export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), tmp_path / "b",
+                             spec=small_spec(16), protocol=QUICK, rules_widths=widths,
+                             progress=False)
+    man = json.loads(manifest.read_text())
+    ids = man["rules_sweep"]["ids"]
+    axis_of = {i: (axis, widths[k]) for axis, v in ids.items() for k, i in enumerate(v)}
+
+    def ms(eid: str) -> float:
+        axis, w = axis_of.get(eid, ("grid", 16))
+        if axis == "out":
+            return 0.1 + 0.01 * math.ceil(w / step) * step
+        if axis in ("in", "dw"):
+            return (0.1 + 0.01 * w) * (1.3 if w % 4 else 1.0)
+        return 0.5
+    results = {"results_schema_version": 1, "bundle_id": man["bundle_id"],
+               "protocol": man["protocol"],
+               "device": {"backend": "onnxruntime-cpu", "device_name": "ARM Cortex-A72",
+                          "arch": "aarch64", "runtime": "onnxruntime 1.20.1", "threads": 1,
+                          "precision": "float32", "isa_flags": ["asimd", "neon"], "driver": "",
+                          "clocks": "", "extra": {"graph_optimization_level": "all",
+                                                  "providers": "CPUExecutionProvider"}},
+               "entries": {e["id"]: {"median_ms": ms(e["id"]), "iqr_ms": 0.0, "n_runs": 20,
+                                     "min_ms": ms(e["id"]), "measured_at": "2026-12-01T00:00:00Z"}
+                           for e in man["entries"]}}
+    rpath = tmp_path / "b" / "results_t1.json"
+    rpath.write_text(json.dumps(results))
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        table = import_bundle(rpath)
+    rules = table.kernel_rules
+    assert rules.out_step == step and rules.in_step == 4 and rules.dw_step == 4
+    assert rules.in_penalty == pytest.approx(1.3, rel=1e-3)
+    assert table.alignment == max(step, 4)
+    step_warnings = [w for w in caught if "channel step" in str(w.message)]
+    assert bool(step_warnings) == warns
+    if warns:
+        assert "alignment=32" in str(step_warnings[0].message)
