@@ -299,7 +299,7 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
         table.alignment_sweep = {"layer": manifest.get("sweep_layer"), "widths": ws,
                                  "median_ms": ms, "rss": {str(k): v for k, v in rss.items()},
                                  "alignment": step}
-    if step is not None and step not in covered:
+    if step is not None and step > 1 and step not in covered:  # step 1: no rule, any grid
         warnings.warn(
             f"the device's detected channel step is {step}, but the bundle's width grid "
             f"covers steps {list(covered)}; export the bundle again with alignment={step}",

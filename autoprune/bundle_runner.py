@@ -15,8 +15,8 @@ Requirements, checked at start (``check_requirements``) with a message naming wh
 install: Python >= 3.8, numpy >= 1.17 (``numpy.random.default_rng``), and an onnxruntime with
 IOBinding that can load the bundle's models (the manifest records their ONNX opset and IR
 version; an older runtime is refused naming them). Run on aarch64 (QEMU user mode) with
-onnxruntime 1.20.1 and on x86_64 with 1.32.0; ``--graph-optimization-level layout`` needs a
-runtime that has that level (1.20 does not).
+onnxruntime 1.20.1 and 1.27.0 and on x86_64 with 1.32.0; ``--graph-optimization-level layout``
+needs a runtime that has that level (1.20 does not).
 
 It must never import torch or autoprune. ``autoprune.measure`` and the ``onnxruntime-cpu``
 backend import the protocol loop and the CPU fingerprint from here, so that a table measured
@@ -208,7 +208,7 @@ def fingerprint_from(machine: str, cpuinfo: str = "", lscpu: str = "", board: st
             f"platform.machine() is {arch} but /proc/cpuinfo describes an x86 CPU ({host}): "
             "this is an emulator (QEMU user mode shows the host's /proc/cpuinfo); the CPU "
             "model and flags are unknown and timings are not the board's")
-        return {"device_name": f"emulated {arch} (cpuinfo shows the x86 host {host})",
+        return {"device_name": f"emulated {arch} on x86 host ({host})",
                 "arch": arch, "isa_flags": _isa([], True), "notes": notes}
     if cpu["cores"]:
         core = " + ".join(n if len(cpu["cores"]) == 1 else f"{n} x{c}" for n, c in cpu["cores"])

@@ -15,8 +15,9 @@
 # Environment (all optional):
 #   AUTOPRUNE_ARM_ROOT  where the root filesystem and wheels live (~/.cache/autoprune-arm)
 #   ARM_SUITE           Debian suite of the root filesystem (bookworm: Python 3.11)
-#   ARM_ORT_VERSION     aarch64 onnxruntime wheel (1.20.1; 1.32.0 segfaults at import under
-#                       QEMU 7.2, so the emulated run pins an older one; a real board need not)
+#   ARM_ORT_VERSION     aarch64 onnxruntime wheel (1.27.0: the newest that runs under QEMU 7.2;
+#                       1.28.0, 1.29.0, 1.30.0, 1.32.0 segfault there; 1.20.1, 1.22.0, 1.23.2,
+#                       1.27.0 ran; a real board takes the current one)
 #   ARM_NUMPY_VERSION   aarch64 numpy wheel (2.4.6)
 #   MODEL, INPUT_SHAPE  what to bundle (autoprune.zoo:conv1d_net, 1,1,40)
 #   ARM_ALIGNMENT       export with this channel step (no sweep); empty: kernel-rules sweep
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 ARM_ROOT="${AUTOPRUNE_ARM_ROOT:-$HOME/.cache/autoprune-arm}"
 SUITE="${ARM_SUITE:-bookworm}"
-ORT_VERSION="${ARM_ORT_VERSION:-1.20.1}"
+ORT_VERSION="${ARM_ORT_VERSION:-1.27.0}"
 NUMPY_VERSION="${ARM_NUMPY_VERSION:-2.4.6}"
 MODEL="${MODEL:-autoprune.zoo:conv1d_net}"
 INPUT_SHAPE="${INPUT_SHAPE:-1,1,40}"

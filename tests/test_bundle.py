@@ -278,7 +278,7 @@ def _fake_arm_results(results: Path, emulated: bool) -> None:
     r = json.loads(results.read_text())
     host = "AMD EPYC"
     r["device"].update(arch="aarch64", isa_flags=["neon"] if emulated else ["asimd", "neon"],
-                       device_name=(f"emulated aarch64 (cpuinfo shows the x86 host {host})"
+                       device_name=(f"emulated aarch64 on x86 host ({host})"
                                     if emulated else "ARM Cortex-A72"),
                        runtime="onnxruntime 1.20.1")
     r["fingerprint_notes"] = (["platform.machine() is aarch64 but /proc/cpuinfo describes an x86"
