@@ -5,18 +5,25 @@
 * ``models/<id>.onnx.gz`` — one gzip-compressed ONNX micro-model per table entry (the same
   layers, widths and fused ops ``profile`` would measure). Weights follow a short periodic
   pattern so the files compress to a few KB; dense CPU kernels do not depend on weight values;
-* ``manifest.json`` — bundle id, protocol settings, the alignment (or the sweep entries that
-  detect it on the device), and per entry its id, file, ``LayerSpec``, structure and density;
+* ``manifest.json`` — bundle id, protocol settings, the ONNX opset and IR version of the
+  models, the alignment (or the sweep entries that detect the device's kernel rules), and per
+  entry its id, file, ``LayerSpec``, structure and density;
 * ``run_bundle.py`` — the standalone runner (a copy of ``autoprune/bundle_runner.py``; needs
-  only Python, numpy and onnxruntime).
+  only Python >= 3.8, numpy >= 1.17 and onnxruntime, checked when it starts).
 
 On the device: ``python run_bundle.py --threads 1`` writes ``results_t1.json`` (resumable).
 Back home: ``import_bundle(results_path)`` (or ``autoprune bundle import``) returns a
-``LatencyTable`` with the device's fingerprint, in the same format ``profile`` writes.
+``LatencyTable`` with the device's fingerprint, in the same format ``profile`` writes, and
+labelled by that device (its ``device_id`` directory, its ``notes``); a search on another
+device refuses it.
 
-Without ``alignment`` the bundle carries the alignment sweep and the width grids for steps 8
-and 16 (the common CPU steps); the import records the step the sweep detects and warns if it is
-outside those (then export again with ``alignment=`` that step).
+Without ``alignment`` the bundle carries the kernel-rules sweep (the fixed layers of
+``autoprune.latency._rules``, the same that ``detect_kernel_rules`` times locally) and width
+grids for steps 4, 8 and 16 (NEON's 4 floats per vector, AVX2's 8, AVX-512's 16); the import
+fits the device's ``KernelRules`` from the runner's timings with ``rules_from_sweep``, records
+them on the table and warns when their alignment is outside those grids (then export again
+with ``alignment=`` that step). ``kernel_rules=False`` carries the older one-axis alignment
+sweep instead (``fit_alignment``), which bundles written before the rules still use.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from autoprune.latency._profile import (
     fit_alignment,
     representative_layer,
 )
+from autoprune.latency._rules import SWEEP_WIDTHS, KernelRules, rules_from_sweep, sweep_layers
 from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.measure import ProtocolSettings
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, ModelSpec, Structure
@@ -49,7 +57,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 BUNDLE_SCHEMA_VERSION = 1
-DEFAULT_BUNDLE_ALIGNMENTS: tuple[int, ...] = (8, 16)
+#: width grids a bundle carries when the device's step is unknown: NEON (4 floats), AVX2 (8),
+#: AVX-512 (16)
+DEFAULT_BUNDLE_ALIGNMENTS: tuple[int, ...] = (4, 8, 16)
 
 
 def _entry_id(spec: LayerSpec, structure: Structure, density: float) -> str:
@@ -67,6 +77,26 @@ def _fill_periodic(model: torch.nn.Module, period: int = 97) -> None:
             p.copy_(base.repeat(reps)[:n].reshape(p.shape).to(p.dtype))
 
 
+def _onnx_format(data: bytes) -> tuple[int, int]:
+    """(default-domain opset, IR version) of a serialized ONNX model."""
+    import onnx
+
+    m = onnx.load_model_from_string(data)
+    opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return int(opset), int(m.ir_version)
+
+
+def _rules_sweep_specs(widths: Sequence[int]) -> dict[str, list[LayerSpec]]:
+    """The kernel-rules sweep layers of ``autoprune.latency._rules`` at ``widths``, per axis
+    (the order ``rules_from_sweep`` fits them in)."""
+    layers = sweep_layers()
+    return {
+        "in": [layers["in"].with_channels(w, layers["in"].out_channels) for w in widths],
+        "out": [layers["out"].with_channels(layers["out"].in_channels, w) for w in widths],
+        "dw": [layers["dw"].with_channels(w, w) for w in widths],
+    }
+
+
 def export_bundle(
     model: nn.Module,
     example_inputs: Any,
@@ -77,11 +107,16 @@ def export_bundle(
     protocol: ProtocolSettings | None = None,
     sweep_max_width: int = 96,
     progress: bool = True,
+    kernel_rules: bool = True,
+    rules_widths: Sequence[int] | None = None,
 ) -> Path:
     """Write a bundle for ``model`` into ``out_dir``; returns the manifest path.
 
-    ``alignment``: the target's channel step if known; None → include the alignment sweep and
-    grids for 8 and 16. Only dense entries (ONNX Runtime CPU has no sparse kernels).
+    ``alignment``: the target's channel step if known; None → include a sweep and grids for
+    4, 8 and 16. ``kernel_rules`` (with ``alignment=None``): the sweep is the kernel-rules
+    sweep (``rules_widths``, default ``SWEEP_WIDTHS`` = 40..80, three axes), else the older
+    one-axis alignment sweep over widths 1..``sweep_max_width``. Only dense entries (ONNX
+    Runtime CPU has no sparse kernels).
     """
     from tqdm.auto import tqdm
 
@@ -99,13 +134,32 @@ def export_bundle(
 
         spec = analyze(model, as_input_tuple(example_inputs))
     protocol = protocol or ProtocolSettings()
+    if alignment is not None and (not isinstance(alignment, int) or alignment < 1):
+        raise InvalidInputError(f"alignment={alignment!r}; use a channel step >= 1 or None")
+    rws = sorted({int(w) for w in (rules_widths if rules_widths is not None else SWEEP_WIDTHS)})
+    if alignment is None and kernel_rules and (len(rws) < 12 or rws[0] < 1):
+        raise InvalidInputError(
+            f"rules_widths={list(rules_widths or [])!r}: the kernel-rules fit needs at least 12 "
+            "distinct widths >= 1 (default: 40..80)")
     aligns = (int(alignment),) if alignment is not None else DEFAULT_BUNDLE_ALIGNMENTS
     items: dict[tuple, str] = {}
     for a in aligns:
         for it in enumerate_items(spec, None, a, widths, [Structure.NONE]):
             items.setdefault(it, "grid")
     sweep_layer = None
-    if alignment is None:
+    rules_ids: dict[str, list[str]] | None = None
+    if alignment is None and kernel_rules:
+        rules_ids = {}
+        for axis, specs in _rules_sweep_specs(rws).items():
+            rules_ids[axis] = []
+            for s in specs:
+                k = entry_key(s, Structure.NONE, 1.0)
+                if k not in items:
+                    items[k] = "rules"
+                elif "rules" not in items[k]:
+                    items[k] += "+rules"
+                rules_ids[axis].append(_entry_id(*k))
+    elif alignment is None:
         sweep_layer = representative_layer(spec)
         for w in range(1, sweep_max_width + 1):
             s = (sweep_layer.with_channels(w, w) if sweep_layer.op.is_depthwise
@@ -113,6 +167,7 @@ def export_bundle(
             k = entry_key(s, Structure.NONE, 1.0)
             items[k] = "sweep" if k not in items else items[k] + "+sweep"
     entries = []
+    formats: set[tuple[int, int]] = set()
     (out / "models").mkdir(parents=True, exist_ok=True)
     for (s, st, d), kind in tqdm(items.items(), desc="bundle export", unit="model",
                                  disable=not progress):
@@ -124,6 +179,9 @@ def export_bundle(
             _fill_periodic(micro)
             data = to_onnx(micro, inputs)
             atomic_write_bytes(path, gzip.compress(data, compresslevel=6, mtime=0))
+            formats.add(_onnx_format(data))
+        elif not formats:
+            formats.add(_onnx_format(gzip.decompress(path.read_bytes())))
         entries.append({"id": eid, "file": rel, "spec": s.to_dict(), "structure": st.value,
                         "density": d, "kind": kind})
     bundle_id = hashlib.sha256(
@@ -135,10 +193,13 @@ def export_bundle(
         "model_name": spec.model_name,
         "model_fingerprint": spec.fingerprint,
         "protocol": protocol.to_dict(),
+        "onnx_format": {"opset": max(f[0] for f in formats),
+                        "ir_version": max(f[1] for f in formats)} if formats else None,
         "alignment": alignment,
         "grid_alignments": list(aligns),
         "widths": widths if isinstance(widths, str) else list(widths),
         "sweep_layer": sweep_layer.to_dict() if sweep_layer is not None else None,
+        "rules_sweep": {"widths": rws, "ids": rules_ids} if rules_ids is not None else None,
         "entries": entries,
     }
     runner = Path(__file__).with_name("bundle_runner.py")
@@ -146,9 +207,22 @@ def export_bundle(
     return atomic_write_json(out / "manifest.json", manifest)
 
 
+def device_label(device: DeviceInfo) -> str:
+    """'<device name> [<arch>], <runtime>, <threads> thread(s)': how a table names its device."""
+    return (f"{device.device_name} [{device.arch}], {device.runtime}, "
+            f"{device.threads} thread{'s' if device.threads != 1 else ''}")
+
+
 def import_bundle(results_path: str | Path, manifest_path: str | Path | None = None
                   ) -> LatencyTable:
-    """A ``LatencyTable`` from a runner's results file (the manifest next to it by default)."""
+    """A ``LatencyTable`` from a runner's results file (the manifest next to it by default).
+
+    The table carries the device's fingerprint as the runner recorded it (``table.device``;
+    its ``device_id`` names the table's directory) and says so in ``table.notes``, with the
+    runner's environment (Python, numpy, onnxruntime, providers) and what the fingerprint
+    could not trust (an emulator), which is also warned about. With a kernel-rules sweep in the
+    bundle the device's ``KernelRules`` are fitted (``rules_from_sweep``) and recorded.
+    """
     from autoprune.io import read_json
 
     rpath = Path(results_path)
@@ -164,14 +238,23 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
         device = DeviceInfo.from_dict(results["device"])
         measured: dict[str, Any] = results["entries"]
         by_id = {e["id"]: e for e in manifest["entries"]}
-    except (KeyError, TypeError) as e:
+        env = dict(results.get("environment") or {})
+        fp_notes = [str(n) for n in results.get("fingerprint_notes") or []]
+    except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{rpath}: malformed results ({type(e).__name__}: {e})") from None
+    label = device_label(device)
+    env_txt = ", ".join(f"{k} {v}" for k, v in sorted(env.items()))
+    notes = (f"imported from bundle {manifest['bundle_id']} ({manifest.get('model_name', '')}); "
+             f"measured on {label}" + (f"; runner environment: {env_txt}" if env_txt else "")
+             + "".join(f"; NOT TRUSTED: {n}" for n in fp_notes))
     table = LatencyTable(device, protocol=results.get("protocol", manifest["protocol"]),
-                         structures=[Structure.NONE],
-                         notes=f"imported from bundle {manifest['bundle_id']} "
-                               f"({manifest.get('model_name', '')})")
+                         structures=[Structure.NONE], notes=notes)
+    for n in fp_notes:
+        warnings.warn(f"{rpath}: the device fingerprint of {label} is not trustworthy: {n}",
+                      stacklevel=2)
     sweep_w: list[int] = []
     sweep_ms: list[float] = []
+    rules_ms: dict[str, float] = {}
     for eid, r in measured.items():
         e = by_id.get(eid)
         if e is None:
@@ -182,10 +265,13 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
                                    float(r.get("min_ms", float("nan"))))
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptFileError(f"{rpath}: entry {eid!r}: {err}") from None
-        if "sweep" in e["kind"]:
+        kinds = str(e["kind"]).split("+")
+        if "sweep" in kinds:
             sweep_w.append(spec.out_channels)
             sweep_ms.append(sample.median_ms)
-        if "grid" in e["kind"]:
+        if "rules" in kinds:
+            rules_ms[eid] = sample.median_ms
+        if "grid" in kinds:
             table.add(spec, Structure(e["structure"]), float(e["density"]), sample,
                       r.get("measured_at"))
     missing = [e["id"] for e in manifest["entries"] if e["id"] not in measured]
@@ -195,8 +281,15 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
             "result yet (the runner was interrupted?); rerun it to complete them",
             stacklevel=2,
         )
+    covered: Sequence[int] = manifest.get("grid_alignments", [])
+    step: int | None = None
     if manifest.get("alignment") is not None:
         table.alignment = int(manifest["alignment"])
+    elif manifest.get("rules_sweep"):
+        rules = _fit_rules(manifest["rules_sweep"], rules_ms, rpath)
+        if rules is not None:
+            table.kernel_rules = rules
+            table.alignment = step = rules.alignment
     elif sweep_w:
         order = sorted(range(len(sweep_w)), key=lambda i: sweep_w[i])
         ws = [sweep_w[i] for i in order]
@@ -206,11 +299,31 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
         table.alignment_sweep = {"layer": manifest.get("sweep_layer"), "widths": ws,
                                  "median_ms": ms, "rss": {str(k): v for k, v in rss.items()},
                                  "alignment": step}
-        covered: Sequence[int] = manifest.get("grid_alignments", [])
-        if step not in covered:
-            warnings.warn(
-                f"the device's detected channel step is {step}, but the bundle's width grid "
-                f"covers steps {list(covered)}; export the bundle again with alignment={step}",
-                stacklevel=2,
-            )
+    if step is not None and step > 1 and step not in covered:  # step 1: no rule, any grid
+        warnings.warn(
+            f"the device's detected channel step is {step}, but the bundle's width grid "
+            f"covers steps {list(covered)}; export the bundle again with alignment={step}",
+            stacklevel=2,
+        )
     return table
+
+
+def _fit_rules(sweep: dict[str, Any], measured_ms: dict[str, float], rpath: Path
+               ) -> KernelRules | None:
+    """``KernelRules`` from the runner's timings of the kernel-rules sweep (None, with a
+    warning, while the sweep is incomplete)."""
+    try:
+        widths = [int(w) for w in sweep["widths"]]
+        ids = {axis: list(sweep["ids"][axis]) for axis in ("in", "out", "dw")}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(f"{rpath}: malformed rules_sweep in the manifest ({e})") from None
+    if any(len(v) != len(widths) for v in ids.values()):
+        raise CorruptFileError(f"{rpath}: rules_sweep ids do not match its {len(widths)} widths")
+    lacking = sum(1 for v in ids.values() for i in v if i not in measured_ms)
+    if lacking:
+        warnings.warn(
+            f"{rpath}: {lacking} kernel-rules sweep entries have no result; the table gets no "
+            "kernel rules until the runner completes them", stacklevel=3)
+        return None
+    ms = {axis: [measured_ms[i] for i in v] for axis, v in ids.items()}
+    return rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"])

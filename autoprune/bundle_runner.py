@@ -1,4 +1,4 @@
-"""Standalone latency runner for remote devices (needs only Python 3.8+, numpy and onnxruntime).
+"""Standalone latency runner for remote devices (needs only Python, numpy and onnxruntime).
 
 This file is copied as ``run_bundle.py`` into every bundle written by
 ``autoprune.bundle.export_bundle`` and runs on the target device::
@@ -10,6 +10,13 @@ times them with the same adaptive, interleaved protocol as ``autoprune.measure``
 ``results.json`` (device fingerprint + one median/IQR per entry). The results file is rewritten
 atomically after every chunk, so an interrupted run resumes where it stopped.
 ``autoprune bundle import results.json`` turns it into a ``LatencyTable``.
+
+Requirements, checked at start (``check_requirements``) with a message naming what to
+install: Python >= 3.8, numpy >= 1.17 (``numpy.random.default_rng``), and an onnxruntime with
+IOBinding that can load the bundle's models (the manifest records their ONNX opset and IR
+version; an older runtime is refused naming them). Run on aarch64 (QEMU user mode) with
+onnxruntime 1.20.1 and 1.27.0 and on x86_64 with 1.32.0; ``--graph-optimization-level layout``
+needs a runtime that has that level (1.20 does not).
 
 It must never import torch or autoprune. ``autoprune.measure`` and the ``onnxruntime-cpu``
 backend import the protocol loop and the CPU fingerprint from here, so that a table measured
@@ -28,52 +35,249 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 RESULTS_SCHEMA_VERSION = 1
+#: oldest Python and numpy the runner supports (checked at start by ``check_requirements``)
+MIN_PYTHON = (3, 8)
+MIN_NUMPY = (1, 17)
 
 #: ISA flags that change which kernels a CPU runtime picks (kept in the device fingerprint)
 RELEVANT_ISA_FLAGS = (
     "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
     "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
     # aarch64 (/proc/cpuinfo "Features")
-    "asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2", "i8mm", "bf16", "sme",
+    "asimd", "asimdhp", "asimddp", "asimdfhm", "fphp", "sve", "sve2", "svei8mm", "svebf16",
+    "i8mm", "bf16", "sme", "sme2",
 )
 
 
 # --------------------------------------------------------------------------------------------
 # CPU fingerprint
 # --------------------------------------------------------------------------------------------
-def cpu_fingerprint() -> Dict[str, Any]:
-    """CPU model name, architecture and relevant ISA flags of this machine.
+#: ``CPU implementer`` codes of /proc/cpuinfo on ARM (the MIDR_EL1 implementer byte), as named
+#: by the Arm Architecture Reference Manual and util-linux's lscpu tables
+ARM_IMPLEMENTERS = {
+    0x41: "ARM", 0x42: "Broadcom", 0x43: "Cavium", 0x46: "Fujitsu", 0x48: "HiSilicon",
+    0x4E: "NVIDIA", 0x50: "APM", 0x51: "Qualcomm", 0x53: "Samsung", 0x61: "Apple",
+    0x6D: "Microsoft", 0xC0: "Ampere",
+}
+#: (implementer, ``CPU part``) -> core name, for the cores boards and servers ship with
+ARM_PARTS = {
+    (0x41, 0xD03): "Cortex-A53", (0x41, 0xD04): "Cortex-A35", (0x41, 0xD05): "Cortex-A55",
+    (0x41, 0xD07): "Cortex-A57", (0x41, 0xD08): "Cortex-A72", (0x41, 0xD09): "Cortex-A73",
+    (0x41, 0xD0A): "Cortex-A75", (0x41, 0xD0B): "Cortex-A76", (0x41, 0xD0C): "Neoverse-N1",
+    (0x41, 0xD0D): "Cortex-A77", (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD41): "Cortex-A78",
+    (0x41, 0xD44): "Cortex-X1", (0x41, 0xD46): "Cortex-A510", (0x41, 0xD47): "Cortex-A710",
+    (0x41, 0xD48): "Cortex-X2", (0x41, 0xD49): "Neoverse-N2", (0x41, 0xD4F): "Neoverse-V2",
+    (0x41, 0xD80): "Cortex-A520", (0x41, 0xD81): "Cortex-A720", (0x41, 0xD82): "Cortex-X4",
+    (0x41, 0xD84): "Neoverse-V3", (0x41, 0xD8E): "Neoverse-N3",
+    (0x48, 0xD01): "TaiShan-v110", (0x4E, 0x004): "Carmel", (0xC0, 0xAC3): "Ampere-1",
+    (0xC0, 0xAC4): "Ampere-1a",
+}
+_ARM_MACHINES = ("aarch64", "arm64", "armv8l", "armv8b")
+_X86_MACHINES = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
+_NO_BOARD = ("", "not specified", "to be filled by o.e.m.", "default string", "none")
+_X86_VENDORS = ("genuineintel", "authenticamd", "hygongenuine", "centaurhauls")
 
-    Reads ``/proc/cpuinfo`` on Linux (x86 ``model name``/``flags``, ARM ``Features`` and
-    ``CPU part``), falls back to :mod:`platform` elsewhere. ``neon`` is reported for every
-    aarch64 CPU (Advanced SIMD is mandatory there).
-    """
-    arch = platform.machine() or "unknown"
-    name = ""
-    flags: set = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        text = ""
-    arm_part = ""
+
+def _key_values(text: str) -> List[Tuple[str, str]]:
+    """``key: value`` lines of /proc/cpuinfo or ``lscpu`` (keys lower-cased, in order)."""
+    out = []
     for line in text.splitlines():
         if ":" not in line:
             continue
         key, _, value = line.partition(":")
-        key, value = key.strip().lower(), value.strip()
-        if key in ("model name", "hardware", "cpu model") and not name:
-            name = value
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-        elif key == "cpu part" and not arm_part:
-            arm_part = value
-    if not name:
-        name = platform.processor() or (f"{arch} cpu part {arm_part}" if arm_part else arch)
-    if arch.lower() in ("aarch64", "arm64"):
-        flags.add("neon")
-    isa = sorted(f for f in flags if f in RELEVANT_ISA_FLAGS or f == "neon")
-    return {"device_name": " ".join(name.split()), "arch": arch, "isa_flags": isa}
+        out.append((" ".join(key.split()).lower(), value.strip()))
+    return out
+
+
+def _hex(value: str) -> Optional[int]:
+    try:
+        return int(value, 0)
+    except ValueError:
+        return None
+
+
+def _arm_core_name(implementer: Optional[int], part: Optional[int]) -> str:
+    if implementer is None or part is None:
+        return ""
+    vendor = ARM_IMPLEMENTERS.get(implementer, f"implementer 0x{implementer:02x}")
+    core = ARM_PARTS.get((implementer, part), f"part 0x{part:03x}")
+    return f"{vendor} {core}"
+
+
+def parse_cpuinfo(text: str) -> Dict[str, Any]:
+    """What ``/proc/cpuinfo`` says: ``model_name`` (x86 ``model name``), ``vendor`` (x86
+    ``vendor_id``), ``flags`` (x86 ``flags`` or ARM ``Features``), ``cores`` (ARM: core name
+    per distinct implementer/part, with its count, in order of appearance: a big.LITTLE SoC
+    lists two), ``board`` (``Model``/``Hardware`` lines some ARM kernels add) and ``arm``
+    (whether it has ARM ``CPU implementer`` lines)."""
+    info: Dict[str, Any] = {"model_name": "", "vendor": "", "flags": [], "cores": [],
+                            "board": "", "arm": False}
+    counts: Dict[str, int] = {}
+    order: List[str] = []
+    boards: Dict[str, str] = {}
+    implementer: Optional[int] = None
+    for key, value in _key_values(text):
+        if key == "processor":
+            implementer = None
+        elif key == "model name" and not info["model_name"]:
+            info["model_name"] = " ".join(value.split())
+        elif key == "vendor_id" and not info["vendor"]:
+            info["vendor"] = value
+        elif key in ("flags", "features") and not info["flags"]:
+            info["flags"] = value.split()
+        elif key == "cpu implementer":
+            implementer = _hex(value)
+            info["arm"] = True
+        elif key == "cpu part":
+            name = _arm_core_name(implementer, _hex(value))
+            if name:
+                if name not in counts:
+                    order.append(name)
+                counts[name] = counts.get(name, 0) + 1
+        elif key in ("model", "hardware") and info["arm"] and not value.isdigit():
+            boards.setdefault(key, " ".join(value.split()))
+    info["cores"] = [(n, counts[n]) for n in order]
+    info["board"] = boards.get("model") or boards.get("hardware", "")
+    return info
+
+
+def parse_lscpu(text: str) -> Dict[str, Any]:
+    """What ``LC_ALL=C lscpu`` says (util-linux >= 2.32 layout): ``arch``, ``vendor``,
+    ``model_names`` (one per core type: a big.LITTLE SoC lists two), ``flags``."""
+    info: Dict[str, Any] = {"arch": "", "vendor": "", "model_names": [], "flags": []}
+    for key, value in _key_values(text):
+        if key == "architecture" and not info["arch"]:
+            info["arch"] = value
+        elif key == "vendor id" and not info["vendor"]:
+            info["vendor"] = value
+        elif key == "model name" and value and value != "-":
+            if value not in info["model_names"]:
+                info["model_names"].append(" ".join(value.split()))
+        elif key == "flags" and not info["flags"]:
+            info["flags"] = value.split()
+    return info
+
+
+def _isa(flags: Sequence[str], arm: bool) -> List[str]:
+    keep = set(f for f in flags if f in RELEVANT_ISA_FLAGS)
+    if arm:
+        keep.add("neon")  # Advanced SIMD is mandatory on aarch64
+    return sorted(keep)
+
+
+def fingerprint_from(machine: str, cpuinfo: str = "", lscpu: str = "", board: str = ""
+                     ) -> Dict[str, Any]:
+    """The CPU fingerprint from the texts a machine shows (pure: unit-tested on published
+    texts). ``machine``: ``platform.machine()``; ``board``: a board or instance name
+    (``/proc/device-tree/model``, DMI product name) used on ARM only.
+
+    Returns ``device_name``, ``arch``, ``isa_flags`` and ``notes`` (what could not be trusted).
+
+    * x86: ``model name`` and the relevant ``flags`` of /proc/cpuinfo (unchanged since the
+      first tables, so their device ids stay valid).
+    * ARM: there is no model-name line; the core comes from ``CPU implementer``/``CPU part``
+      ("ARM Cortex-A72", "ARM Cortex-A76 x4 + ARM Cortex-A55 x4" on big.LITTLE), prefixed
+      by the board when one is known; ``Features`` give the ISA flags. ``lscpu``'s vendor and
+      model name are used when /proc/cpuinfo has no implementer lines.
+    * A contradiction (an aarch64 interpreter reading an x86 /proc/cpuinfo, as under QEMU
+      user-mode emulation, which shows the host's file) is said in the name and the notes;
+      the x86 text is not trusted (no x86 ISA flags on an ARM fingerprint).
+    """
+    arch = machine or "unknown"
+    m = arch.lower()
+    is_arm = m in _ARM_MACHINES or m.startswith("arm")
+    cpu = parse_cpuinfo(cpuinfo)
+    ls = parse_lscpu(lscpu)
+    notes: List[str] = []
+    x86_text = (cpu["vendor"].lower() in _X86_VENDORS
+                or any(f in cpu["flags"] for f in ("sse2", "avx", "avx2"))
+                or ls["vendor"].lower() in _X86_VENDORS)
+    if not is_arm:
+        name = cpu["model_name"] or (ls["model_names"][0] if ls["model_names"] else "")
+        if cpu["arm"] and m in _X86_MACHINES:
+            notes.append(f"/proc/cpuinfo describes an ARM CPU but this interpreter runs on {arch}"
+                         "; the CPU text is not trusted")
+            return {"device_name": f"{arch} cpu (cpuinfo contradicts the machine)", "arch": arch,
+                    "isa_flags": [], "notes": notes}
+        flags = cpu["flags"] or ls["flags"]
+        return {"device_name": name or arch, "arch": arch, "isa_flags": _isa(flags, False),
+                "notes": notes}
+    if x86_text and not cpu["arm"]:
+        host = cpu["model_name"] or (ls["model_names"][0] if ls["model_names"] else "x86")
+        notes.append(
+            f"platform.machine() is {arch} but /proc/cpuinfo describes an x86 CPU ({host}): "
+            "this is an emulator (QEMU user mode shows the host's /proc/cpuinfo); the CPU "
+            "model and flags are unknown and timings are not the board's")
+        return {"device_name": f"emulated {arch} on x86 host ({host})",
+                "arch": arch, "isa_flags": _isa([], True), "notes": notes}
+    if cpu["cores"]:
+        core = " + ".join(n if len(cpu["cores"]) == 1 else f"{n} x{c}" for n, c in cpu["cores"])
+        flags = cpu["flags"]
+    elif ls["model_names"]:
+        vendor = ls["vendor"]
+        core = " + ".join(f"{vendor} {n}".strip() for n in ls["model_names"])
+        flags = ls["flags"] or cpu["flags"]
+    else:
+        core = ""
+        flags = cpu["flags"] or ls["flags"]
+        notes.append("no CPU implementer/part in /proc/cpuinfo and no lscpu model name: the "
+                     "core is unknown (tables of different ARM boards may share this name)")
+    if "implementer 0x00" in core:
+        notes.append("CPU implementer 0x00 is reserved for software: an emulator's CPU "
+                     "model, not a board's")
+    board = " ".join((board or cpu["board"]).replace("\x00", " ").split())
+    if board.lower() in _NO_BOARD:
+        board = ""
+    parts = [p for p in (board, core) if p]
+    name = " / ".join(parts) if parts else f"{arch} cpu"
+    return {"device_name": name, "arch": arch, "isa_flags": _isa(flags, True), "notes": notes}
+
+
+def _read_text(path: str, limit: int = 1 << 20) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(limit)
+    except OSError:
+        return ""
+
+
+def _lscpu_text() -> str:
+    """``LC_ALL=C lscpu`` output, or "" where lscpu is missing or fails."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lscpu")
+    if exe is None:
+        return ""
+    try:
+        proc = subprocess.run([exe], capture_output=True, text=True, timeout=10,
+                              env={"LC_ALL": "C", "PATH": os.environ.get("PATH", "")})
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def cpu_fingerprint() -> Dict[str, Any]:
+    """This machine's CPU fingerprint (``fingerprint_from`` on its own texts).
+
+    Reads ``/proc/cpuinfo`` on Linux; on ARM also the board name (``/proc/device-tree/model``,
+    else the DMI product name: a cloud instance type) and, when /proc/cpuinfo has no
+    implementer lines, ``lscpu``; falls back to :mod:`platform` elsewhere.
+    """
+    machine = platform.machine() or "unknown"
+    cpuinfo = _read_text("/proc/cpuinfo")
+    m = machine.lower()
+    board = lscpu = ""
+    if m in _ARM_MACHINES or m.startswith("arm"):
+        board = (_read_text("/proc/device-tree/model", 256)
+                 or _read_text("/sys/class/dmi/id/product_name", 256))
+        low = cpuinfo.lower()
+        if "cpu implementer" not in low and "vendor_id" not in low:
+            lscpu = _lscpu_text()  # no ARM lines, and not an emulator's x86 host file either
+    fp = fingerprint_from(machine, cpuinfo, lscpu, board)
+    if fp["device_name"] == machine and platform.processor():
+        fp["device_name"] = " ".join(platform.processor().split())
+    return fp
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +427,71 @@ def ratio_protocol(
 
 
 # --------------------------------------------------------------------------------------------
+# Requirements (checked before any work, with what to install)
+# --------------------------------------------------------------------------------------------
+class RequirementError(RuntimeError):
+    """The device's Python, numpy or onnxruntime cannot run the bundle (the message says why
+    and what to install)."""
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    out = []
+    for part in version.split("+")[0].split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def _fmt(v: Sequence[int]) -> str:
+    return ".".join(str(x) for x in v)
+
+
+def check_requirements(python_version: Optional[Sequence[int]] = None) -> Dict[str, str]:
+    """Check Python, numpy and onnxruntime; the versions found (for the results file).
+
+    Raises ``RequirementError`` naming the version found, the floor and the pip command.
+    onnxruntime has no fixed floor: it must have IOBinding, and ``run_bundle`` refuses it with
+    the bundle's opset/IR version when it cannot load the first model.
+    """
+    py = tuple(python_version or sys.version_info[:3])
+    if py[:2] < MIN_PYTHON:
+        raise RequirementError(
+            f"Python {_fmt(py)} is too old for this runner: it needs Python >= "
+            f"{_fmt(MIN_PYTHON)} (run it with python3.8 or newer)")
+    try:
+        import numpy as np
+    except ImportError:
+        raise RequirementError(
+            f"numpy is not installed for {sys.executable}; install it with: "
+            f"{sys.executable} -m pip install 'numpy>={_fmt(MIN_NUMPY)}'") from None
+    if _version_tuple(np.__version__)[:2] < MIN_NUMPY:
+        raise RequirementError(
+            f"numpy {np.__version__} is too old: the runner needs numpy >= {_fmt(MIN_NUMPY)}; "
+            f"upgrade with: {sys.executable} -m pip install -U 'numpy>={_fmt(MIN_NUMPY)}'")
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RequirementError(
+            f"onnxruntime cannot be imported for {sys.executable} ({e}); install it with: "
+            f"{sys.executable} -m pip install onnxruntime") from None
+    sess_cls = getattr(ort, "InferenceSession", None)
+    if sess_cls is None or not hasattr(sess_cls, "io_binding") \
+            or not hasattr(sess_cls, "run_with_iobinding"):
+        raise RequirementError(
+            f"onnxruntime {getattr(ort, '__version__', '?')} has no IOBinding API; install a "
+            f"current onnxruntime: {sys.executable} -m pip install -U onnxruntime")
+    return {"python": _fmt(py), "numpy": str(np.__version__),
+            "onnxruntime": str(ort.__version__),
+            "providers_available": ",".join(ort.get_available_providers())}
+
+
+# --------------------------------------------------------------------------------------------
 # ONNX Runtime sessions
 # --------------------------------------------------------------------------------------------
 _GRAPH_LEVELS = {
@@ -250,6 +519,12 @@ def make_session(
         raise ValueError(
             f"graph_optimization_level {graph_optimization_level!r}; "
             f"use one of {sorted(_GRAPH_LEVELS)}"
+        )
+    if not hasattr(ort.GraphOptimizationLevel, level):
+        have = [k for k, v in _GRAPH_LEVELS.items() if hasattr(ort.GraphOptimizationLevel, v)]
+        raise ValueError(
+            f"graph_optimization_level {graph_optimization_level!r} ({level}) is not in "
+            f"onnxruntime {ort.__version__}; use one of {have} or a newer onnxruntime"
         )
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.log_severity_level = 3
@@ -328,20 +603,60 @@ def _read_model(path: str) -> bytes:
         return f.read()
 
 
+def _load_session(bundle_dir: str, entry: Dict[str, Any], manifest: Dict[str, Any],
+                  threads: int, level: str, providers: Sequence[str]) -> Any:
+    """A session for one entry; a model this onnxruntime cannot load is a RequirementError
+    naming the bundle's ONNX opset and IR version."""
+    import onnxruntime as ort
+
+    path = os.path.join(bundle_dir, entry["file"])
+    data = _read_model(path)
+    try:
+        return make_session(data, threads, level, providers)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        fmt = manifest.get("onnx_format") or {}
+        raise RequirementError(
+            f"onnxruntime {ort.__version__} cannot load {path} (bundle models: ONNX opset "
+            f"{fmt.get('opset', '?')}, IR version {fmt.get('ir_version', '?')}): "
+            f"{type(e).__name__}: {str(e).strip()[:300]}; install a newer onnxruntime "
+            f"({sys.executable} -m pip install -U onnxruntime) or export the bundle with an "
+            "older opset") from None
+
+
 def run_bundle(
     bundle_dir: str, threads: int = 1, out: Optional[str] = None,
     graph_optimization_level: str = "all", providers: Optional[Sequence[str]] = None,
     chunk: int = 8, quiet: bool = False,
 ) -> str:
-    """Measure every entry of the bundle; returns the results path. Resumes a partial run."""
+    """Measure every entry of the bundle; returns the results path. Resumes a partial run.
+
+    Checks the requirements first (``RequirementError`` with what to install); what the
+    fingerprint could not trust (an emulator's host /proc/cpuinfo) is printed and kept in the
+    results' ``fingerprint_notes``."""
+    mpath = os.path.join(bundle_dir, "manifest.json")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RequirementError(f"{mpath}: cannot read the bundle manifest ({e}); pass the "
+                               "bundle directory (the one holding manifest.json)") from None
+    env = check_requirements()
     import onnxruntime as ort
 
-    with open(os.path.join(bundle_dir, "manifest.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
     out = out or os.path.join(bundle_dir, f"results_t{threads}.json")
     protocol = dict(manifest["protocol"])
     fp = cpu_fingerprint()
     providers = list(providers or ["CPUExecutionProvider"])
+    have = ort.get_available_providers()
+    missing = [p for p in providers if p not in have]
+    if missing:
+        raise RequirementError(
+            f"execution provider(s) {missing} not in onnxruntime {ort.__version__} on this "
+            f"device (it has {have}); pass --providers with some of those")
+    for note in fp.get("notes", []):
+        print(f"run_bundle.py: warning: {note}", file=sys.stderr, flush=True)
     device = {
         "backend": "onnxruntime-cpu",
         "device_name": fp["device_name"],
@@ -361,6 +676,9 @@ def run_bundle(
         "device": device,
         "protocol": protocol,
         "entries": {},
+        "environment": {**env, "machine": platform.machine(),
+                        "system": f"{platform.system()} {platform.release()}"},
+        "fingerprint_notes": list(fp.get("notes", [])),
     }
     if os.path.exists(out):
         with open(out, encoding="utf-8") as f:
@@ -374,8 +692,8 @@ def run_bundle(
         batch = todo[start : start + chunk]
         timers = []
         for e in batch:
-            sess = make_session(_read_model(os.path.join(bundle_dir, e["file"])), threads,
-                                graph_optimization_level, providers)
+            sess = _load_session(bundle_dir, e, manifest, threads, graph_optimization_level,
+                                 providers)
             call = session_timer(sess)
             n = calibrate_calls(lambda: call(), protocol.get("min_sample_ms", 0.0))
             timers.append(session_timer(sess, calls_per_sample=n))
@@ -417,8 +735,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "CPUExecutionProvider")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    path = run_bundle(args.bundle_dir, args.threads, args.out, args.graph_optimization_level,
-                      args.providers.split(","), quiet=args.quiet)
+    try:
+        path = run_bundle(args.bundle_dir, args.threads, args.out,
+                          args.graph_optimization_level, args.providers.split(","),
+                          quiet=args.quiet)
+    except (RequirementError, ValueError) as e:
+        print(f"run_bundle.py: error: {e}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

@@ -404,12 +404,25 @@ class DeviceInfo:
 
     @property
     def device_id(self) -> str:
-        """Directory-safe id: readable prefix + hash of every field that affects timings."""
+        """Directory-safe id: readable prefix + hash of every field that affects timings.
+
+        ARM devices (``arch`` aarch64/arm64/armv*) carry the architecture in the prefix
+        (``onnxruntime-cpu_aarch64_arm-cortex-a72_t1_float32_<hash>``) so an ARM table is
+        told apart from an x86 one at a glance; other ids keep their original form."""
         payload = json.dumps(self.to_dict(), sort_keys=True)
         h = hashlib.sha256(payload.encode()).hexdigest()[:10]
         name = "".join(c if c.isalnum() else "-" for c in self.device_name.lower())
         name = "-".join(p for p in name.split("-") if p)[:40]
+        if self.is_arm:
+            arch = "".join(c if c.isalnum() else "-" for c in self.arch.lower())
+            name = f"{arch}_{name}"
         return f"{self.backend}_{name}_t{self.threads}_{self.precision}_{h}"
+
+    @property
+    def is_arm(self) -> bool:
+        """Whether the device is an ARM CPU (by ``arch``: aarch64, arm64, armv7l, ...)."""
+        a = self.arch.lower()
+        return a in ("aarch64", "arm64") or a.startswith("armv")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

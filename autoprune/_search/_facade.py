@@ -258,8 +258,12 @@ def _check_table_device(table: Any, backend: Any) -> None:
         fields = bdev.diff(tdev) or ["device_id"]
         details = ", ".join(f"{f}: table {tdev.to_dict().get(f)!r} vs backend "
                             f"{bdev.to_dict().get(f)!r}" for f in fields)
+        where = getattr(table, "path", None)
+        name = f"{tdev.device_id}" + (f" at {where}" if where is not None else "")
+        why = (f"it was measured on {tdev.arch}, this search runs on {bdev.arch}; "
+               if tdev.arch != bdev.arch else "")
         raise TableMismatchError(
-            f"the latency table was measured on another device or setup ({details}); profile "
-            f"this device (autoprune.profile) or pass the matching backend"
+            f"refused latency table {name}: {why}it was measured on another device or setup "
+            f"({details}); profile this device (autoprune.profile) or pass the matching backend"
         )
 

@@ -62,5 +62,10 @@ def run_import(args: argparse.Namespace) -> int:
         if (d / "table.json").exists():
             table = LatencyTable.load(d, expect_device=table.device).merge(table)
         table.save(d)
+    from autoprune.bundle import device_label
+
     print(f"{table!r}" + ("" if args.no_save else f" -> {table.path}"))
+    print(f"measured on {device_label(table.device)}")
+    if table.kernel_rules is not None:
+        print(f"device kernel rules: {table.kernel_rules}")
     return 0
