@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autoprune.errors import CorruptFileError, InvalidInputError
+from autoprune.latency import SWEEP_WIDTHS, KernelRules, rules_from_sweep, sweep_layers
 from autoprune.latency._profile import (
     ALIGNMENT_CANDIDATES,
     WidthsOption,
@@ -48,7 +49,6 @@ from autoprune.latency._profile import (
     fit_alignment,
     representative_layer,
 )
-from autoprune.latency._rules import SWEEP_WIDTHS, KernelRules, rules_from_sweep, sweep_layers
 from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.measure import ProtocolSettings
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, ModelSpec, Structure

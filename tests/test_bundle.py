@@ -288,7 +288,7 @@ def _fake_arm_results(results: Path, emulated: bool) -> None:
 
 @pytest.mark.parametrize("emulated", [False, True])
 def test_arm_table_is_labelled_and_refused_for_an_x86_search(tmp_path, tmp_tables, emulated):
-    from autoprune._search import _check_table_device
+    from autoprune._search._facade import _check_table_device
     from autoprune.errors import TableMismatchError
 
     out = tmp_path / "b"
@@ -384,7 +384,7 @@ def test_bundle_round_trip_on_emulated_aarch64(tmp_path, tmp_tables):
     import warns, and the table is refused for this x86 search."""
     import platform
 
-    from autoprune._search import _check_table_device
+    from autoprune._search._facade import _check_table_device
     from autoprune.errors import TableMismatchError
 
     env = _arm_userland()

@@ -18,8 +18,16 @@ from autoprune.latency._predictor import LatencyPredictor
 from autoprune.latency._profile import profile
 from autoprune.latency._regressors import Regressor
 from autoprune.latency._report import accuracy_metrics
-from autoprune.latency._rules import KernelRules, cached_kernel_rules, detect_kernel_rules
+from autoprune.latency._rules import (
+    SWEEP_WIDTHS,
+    KernelRules,
+    cached_kernel_rules,
+    detect_kernel_rules,
+    rules_from_sweep,
+    sweep_layers,
+)
 from autoprune.latency._table import LatencyTable
 
-__all__ = ["KernelRules", "LatencyPredictor", "LatencyTable", "Regressor", "accuracy_metrics",
-           "cached_kernel_rules", "detect_kernel_rules", "profile"]
+__all__ = ["SWEEP_WIDTHS", "KernelRules", "LatencyPredictor", "LatencyTable", "Regressor",
+           "accuracy_metrics", "cached_kernel_rules", "detect_kernel_rules", "profile",
+           "rules_from_sweep", "sweep_layers"]
