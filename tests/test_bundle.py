@@ -464,3 +464,14 @@ def test_import_fits_neon_style_rules_from_runner_timings(tmp_path, step, warns)
     assert bool(step_warnings) == warns
     if warns:
         assert "alignment=32" in str(step_warnings[0].message)
+
+
+def test_fingerprint_of_a_published_pi4_cpuinfo_under_a_32_bit_kernel():
+    """A verbatim published text (osdev wiki): a Pi 4 on a 32-bit kernel reports ARMv7
+    fields ('model name', neon, vfpv4) but the same implementer/part as on arm64."""
+    from autoprune.bundle_runner import fingerprint_from
+
+    fp = fingerprint_from("armv7l", _fixture("rpi4_armv7l_osdev_cpuinfo.txt"))
+    assert fp["device_name"] == "ARM Cortex-A72"
+    assert fp["arch"] == "armv7l" and "neon" in fp["isa_flags"]
+    assert not {"avx", "avx2", "sse4_2"} & set(fp["isa_flags"])
