@@ -94,6 +94,25 @@ class FakeTable:
         return base
 
 
+def toy_problem(run_dir, proxy=None, *, budget_ratio: float = 0.6, study: str = "s",
+                seed: int = 0):
+    """A small search problem for the strategy tests: the toy spec, the data-free importance
+    proxy, the deterministic latency model, a budget at ``budget_ratio`` of dense."""
+    from autoprune.evaluators import ImportanceProxy
+    from autoprune.storage import make_storage
+    from autoprune.strategies import SearchProblem
+
+    spec = toy_spec()
+    torch.manual_seed(0)
+    imp = ImportanceProxy(ToyNet(), spec).fit()
+    space = SearchSpace.from_spec(spec, FakeTable(8, {48: 0.6}), allow_block=True)
+    lat = toy_latency(spec)
+    dense = float(lat([space.dense_plan()])[0])
+    return SearchProblem(space=space, latency_ms=lat, proxy=proxy or imp.evaluate_plan,
+                         budget_ms=budget_ratio * dense, storage=make_storage(None, run_dir),
+                         study_name=study, seed=seed, importance=imp)
+
+
 class FakeBackend:
     def __init__(self, unstructured: bool) -> None:
         self.unstructured = unstructured

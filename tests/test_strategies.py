@@ -8,28 +8,16 @@ import math
 
 import optuna
 import pytest
-import torch
-from test_space import FakeTable, ToyNet, toy_latency, toy_spec
+from test_space import toy_latency, toy_problem, toy_spec
 
 from autoprune.errors import InvalidInputError, UnknownNameError
-from autoprune.evaluators import ImportanceProxy
-from autoprune.space import SearchSpace
-from autoprune.storage import make_storage
 from autoprune.strategies import SearchProblem, get_strategy, list_strategies
 from autoprune.strategies.greedy import greedy_path, greedy_plan, uniform_plan
 from autoprune.strategies.optuna_strategy import OptunaStrategy
 
 
 def _problem(tmp_path, proxy=None, budget_ratio: float = 0.6, name: str = "s") -> SearchProblem:
-    spec = toy_spec()
-    torch.manual_seed(0)
-    imp = ImportanceProxy(ToyNet(), spec).fit()
-    space = SearchSpace.from_spec(spec, FakeTable(8, {48: 0.6}), allow_block=True)
-    lat = toy_latency(spec)
-    dense = float(lat([space.dense_plan()])[0])
-    return SearchProblem(space=space, latency_ms=lat, proxy=proxy or imp.evaluate_plan,
-                         budget_ms=budget_ratio * dense, storage=make_storage(None, tmp_path),
-                         study_name=name, seed=0, importance=imp)
+    return toy_problem(tmp_path, proxy, budget_ratio=budget_ratio, study=name)
 
 
 def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

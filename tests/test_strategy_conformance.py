@@ -13,11 +13,8 @@ import math
 
 import optuna
 import pytest
-import torch
-from test_space import FakeTable, ToyNet, toy_latency, toy_spec
+from test_space import toy_problem
 
-from autoprune.evaluators import ImportanceProxy
-from autoprune.space import SearchSpace
 from autoprune.storage import make_storage
 from autoprune.strategies import SearchProblem, Strategy, get_strategy, list_strategies
 from autoprune.strategies.base import MAXIMIZE, MINIMIZE
@@ -46,15 +43,7 @@ def name(request) -> str:
 
 
 def _problem(run_dir, proxy=None, study: str = "conf", seed: int = 0) -> SearchProblem:
-    spec = toy_spec()
-    torch.manual_seed(0)
-    imp = ImportanceProxy(ToyNet(), spec).fit()
-    space = SearchSpace.from_spec(spec, FakeTable(8, {48: 0.6}), allow_block=True)
-    lat = toy_latency(spec)
-    dense = float(lat([space.dense_plan()])[0])
-    return SearchProblem(space=space, latency_ms=lat, proxy=proxy or imp.evaluate_plan,
-                         budget_ms=0.6 * dense, storage=make_storage(None, run_dir),
-                         study_name=study, seed=seed, importance=imp)
+    return toy_problem(run_dir, proxy, study=study, seed=seed)
 
 
 def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
