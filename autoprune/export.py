@@ -99,9 +99,9 @@ class VerifyReport:
 
     @property
     def device_drift(self) -> float | None:
-        """Dense measured now / dense as the latency model predicts it, minus 1: how much the
-        device's speed moved since the model was fitted (the part of ``prediction_error``
-        that is not the model's)."""
+        """Dense measured now / dense as the latency model predicts it, minus 1: how far the
+        device's speed (or this run's timing of the dense model) moved from what the latency
+        model was fitted on; the part of ``prediction_error`` the share of dense cancels."""
         if self.reference is None or not self.predicted_reference_ms:
             return None
         return self.reference.median_ms / self.predicted_reference_ms - 1.0
@@ -168,9 +168,8 @@ class VerifyReport:
         drift = self.device_drift
         note = ""
         if drift is not None and self.reference is not None:
-            note = (f"; dense {self.reference.median_ms:.4g} ms now vs "
-                    f"{self.predicted_reference_ms:.4g} ms predicted: the device's speed "
-                    f"moved {100 * drift:+.1f}%")
+            note = (f"; dense measured {self.reference.median_ms:.4g} ms now vs "
+                    f"{self.predicted_reference_ms:.4g} ms predicted, {100 * drift:+.1f}%")
         label = "  as fitted" if now is not None else "predicted"
         out.append(f"{indent}{label:<{width}} {self.predicted_ms:.4g} ms{band} "
                    f"({100 * (self.prediction_error or 0):+.1f}% vs measured now{note})")

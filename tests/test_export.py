@@ -132,7 +132,7 @@ def test_verify_report_reanchors_the_prediction_to_dense_measured_now():
     assert r.predicted_now_ms / r.latency_ms - 1 == pytest.approx(r.ratio_prediction_error)
     assert r.prediction_error == pytest.approx(0.9 / 1.5 - 1)
     text = str(r)
-    assert "at the device's speed now" in text and "moved +25.0%" in text
+    assert "at the device's speed now" in text and "predicted, +25.0%" in text
     assert r.to_dict()["predicted_now_ms"] == pytest.approx(r.predicted_now_ms)
     bare = VerifyReport("ort", LatencySample(1.5, 0.1, 30, 1.4), predicted_ms=1.4)
     assert bare.predicted_now_ms is None and bare.device_drift is None
