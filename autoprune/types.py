@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from autoprune.errors import InvalidInputError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from autoprune.plan import PruningPlan
 
 
@@ -273,7 +275,8 @@ class ModelSpec:
     ignored: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.ignored, str) or not all(isinstance(p, str) for p in self.ignored):
+        ignored: str | Iterable[object] = self.ignored  # whatever the caller passed
+        if isinstance(ignored, str) or not all(isinstance(p, str) for p in ignored):
             raise InvalidInputError(
                 f"ModelSpec.ignored must be a tuple of module paths, got {self.ignored!r}; "
                 "pass e.g. ignored=('blocks.0.attn',)"

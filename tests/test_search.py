@@ -279,6 +279,21 @@ def test_optimize_is_the_pure_stage(syn):
         optimize(problem, "random", 0)
 
 
+def test_cached_proxy_of_a_model_evaluator_needs_the_model():
+    """A model evaluator scores pruned models: without the model CachedProxy says so."""
+    from torch import nn
+
+    from autoprune._search import CachedProxy
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 4)
+    spec = ap.analyze(model, x)
+    plan = ap.PruningPlan.uniform(spec, 0.5)
+    with pytest.raises(InvalidInputError, match="needs the model.*model=None"):
+        CachedProxy(lambda m: 1.0, None, x, spec)(plan)
+    assert CachedProxy(lambda m: 1.0, model, x, spec)(plan) == 1.0
+
+
 def test_select_finalists_is_the_only_finalist_path(syn, tmp_path, monkeypatch):
     """search() and run_pipeline both choose their plan through select_finalists."""
     import autoprune._search._finalists as fin_module

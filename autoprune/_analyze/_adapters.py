@@ -28,7 +28,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -54,6 +54,10 @@ __all__ = [
 #: how a torch-pruning group touches a sublayer: its input channels ("in", the group's
 #: indices), its output channels ("out"), or every channel on both sides ("all")
 Side = Literal["in", "out", "all"]
+
+# the registry hands an adapter only modules of its ``module_types`` (or subclasses): its
+# methods take ``nn.Module`` like the base class and ``cast`` to the types they cover
+_Conv = nn.Conv1d | nn.Conv2d
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ class LayerAdapter(ModuleAdapter, ABC):
         """(parameter path relative to the module, parameter) a sublayer's mask goes on."""
         if suffix:
             raise KeyError(f"{type(self).__name__} has no sublayer {suffix!r}")
-        return "weight", module.weight
+        return "weight", cast(nn.Parameter, module.weight)
 
 
 class ConvAdapter(LayerAdapter):
@@ -196,9 +200,11 @@ class ConvAdapter(LayerAdapter):
 
     @staticmethod
     def is_depthwise(module: nn.Module) -> bool:
+        module = cast(_Conv, module)
         return module.groups == module.in_channels == module.out_channels and module.groups > 1
 
     def widths(self, module: nn.Module) -> dict[str, Widths]:
+        module = cast(_Conv, module)
         return {"": Widths(module.in_channels, module.out_channels, module.groups)}
 
     def op_kind(self, module: nn.Module, suffix: str = "") -> OpKind:
@@ -211,6 +217,7 @@ class ConvAdapter(LayerAdapter):
         self, module: nn.Module, suffix: str, input_shape: tuple[int, ...], dtype: str,
         fused: str = "",
     ) -> LayerSpec:
+        module = cast(_Conv, module)
         nd = len(module.kernel_size)
         pad = module.padding
         if isinstance(pad, str):  # "same" / "valid"
@@ -237,6 +244,7 @@ class ConvAdapter(LayerAdapter):
         return not self.is_depthwise(module)
 
     def unit_partition(self, module: nn.Module) -> int:
+        module = cast(_Conv, module)
         if module.groups > 1 and not self.is_depthwise(module):
             return int(module.groups)
         return 1
@@ -249,6 +257,7 @@ class LinearAdapter(LayerAdapter):
     module_types = (nn.Linear,)
 
     def widths(self, module: nn.Module) -> dict[str, Widths]:
+        module = cast(nn.Linear, module)
         return {"": Widths(module.in_features, module.out_features)}
 
     def op_kind(self, module: nn.Module, suffix: str = "") -> OpKind:
@@ -258,6 +267,7 @@ class LinearAdapter(LayerAdapter):
         self, module: nn.Module, suffix: str, input_shape: tuple[int, ...], dtype: str,
         fused: str = "",
     ) -> LayerSpec:
+        module = cast(nn.Linear, module)
         batch = input_shape[0] if len(input_shape) >= 2 else 1
         return LayerSpec(
             op=OpKind.LINEAR, in_channels=module.in_features, out_channels=module.out_features,
@@ -278,6 +288,7 @@ class AttentionAdapter(LayerAdapter):
     SUBLAYERS = ("in_proj", "attention", "out_proj")
 
     def widths(self, module: nn.Module) -> dict[str, Widths]:
+        module = cast(nn.MultiheadAttention, module)
         w = module.in_proj_weight
         e = int(module.embed_dim)
         return {
@@ -290,6 +301,7 @@ class AttentionAdapter(LayerAdapter):
         return OpKind.ATTENTION if suffix == "attention" else OpKind.LINEAR
 
     def check(self, module: nn.Module, path: str) -> None:
+        module = cast(nn.MultiheadAttention, module)
         e = module.embed_dim
         if module.kdim != e or module.vdim != e or module.in_proj_weight is None:
             raise UnsupportedLayerError(
@@ -301,6 +313,7 @@ class AttentionAdapter(LayerAdapter):
         self, module: nn.Module, suffix: str, input_shape: tuple[int, ...], dtype: str,
         fused: str = "",
     ) -> LayerSpec:
+        module = cast(nn.MultiheadAttention, module)
         first = bool(module.batch_first)
         batch, seq = (input_shape[0], input_shape[1]) if first else (input_shape[1], input_shape[0])
         e = module.embed_dim
@@ -323,13 +336,15 @@ class AttentionAdapter(LayerAdapter):
         return suffix != "attention"  # the core has no weights
 
     def unit_partition(self, module: nn.Module) -> int:
+        module = cast(nn.MultiheadAttention, module)
         return int(module.num_heads)
 
     def mask_param(self, module: nn.Module, suffix: str) -> tuple[str, nn.Parameter]:
+        module = cast(nn.MultiheadAttention, module)
         if suffix == "in_proj":
             return "in_proj_weight", module.in_proj_weight
         if suffix == "out_proj":
-            return "out_proj.weight", module.out_proj.weight
+            return "out_proj.weight", cast(nn.Parameter, module.out_proj.weight)
         raise KeyError(f"the {suffix!r} sublayer of nn.MultiheadAttention has no weights")
 
 
@@ -338,6 +353,7 @@ class BatchNormAdapter(CompanionAdapter):
     module_types = (nn.modules.batchnorm._BatchNorm,)
 
     def channel_gamma(self, module: nn.Module) -> torch.Tensor | None:
+        module = cast(nn.modules.batchnorm._BatchNorm, module)
         return module.weight.detach() if module.weight is not None else None
 
 
@@ -440,7 +456,7 @@ class AdapterRegistry:
             except AttributeError:
                 parent = None
             pa = self.layer(parent) if parent is not None else None
-            if pa is not None and suffix in pa.sublayers(parent):
+            if parent is not None and pa is not None and suffix in pa.sublayers(parent):
                 return parent, pa, suffix
         try:
             mod = model.get_submodule(layer_path)

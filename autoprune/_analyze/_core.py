@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autoprune._analyze._adapters import ADAPTERS, LayerAdapter
+from autoprune._analyze._adapters import ADAPTERS, LayerAdapter, Side
 from autoprune._analyze._tpglue import (
     Graphs,
     build_graphs,
@@ -220,8 +220,8 @@ def _build_spec(
     model_name: str | None,
 ) -> ModelSpec:
     fixed: dict[str, str] = {}
-    for path in ignore:
-        fixed[path] = "ignored by the user (ignore=...)"
+    for ignored_path in ignore:
+        fixed[ignored_path] = "ignored by the user (ignore=...)"
 
     # --- layers seen in the forward pass ------------------------------------------------
     records = trace.records
@@ -243,7 +243,7 @@ def _build_spec(
         )
     ]
     # (layer path, side, idxs): side "in" / "out" (the group's indices) or "all"
-    Touch = tuple[str, str, list[int]]
+    Touch = tuple[str, Side, list[int]]
     pending: list[tuple[list[Touch], int, set[str], str]] = []
     for prefix, dg, g in raw_groups:
         units = len(g[0].idxs)

@@ -78,13 +78,15 @@ class Graphs:
         return self.graphs[best]
 
 
-def _module_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple]:
+def _module_inputs(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> dict[str, tuple[torch.Tensor, ...]]:
     """Positional tensor inputs of every module's first call (for tracing it alone)."""
     names = {m: n for n, m in model.named_modules()}
-    seen: dict[str, tuple] = {}
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
     handles = []
 
-    def pre(mod: nn.Module, args: tuple) -> None:
+    def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
         n = names[mod]
         if n not in seen:
             ok = bool(args) and all(isinstance(a, torch.Tensor) for a in args)
@@ -101,7 +103,9 @@ def _module_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[s
     return seen
 
 
-def _one_graph(module: nn.Module, args: tuple, ignore_mods: list[nn.Module]) -> Any:
+def _one_graph(
+    module: nn.Module, args: tuple[torch.Tensor, ...], ignore_mods: list[nn.Module]
+) -> Any:
     import torch_pruning as tp
 
     mods = set(module.modules())
@@ -291,7 +295,8 @@ def _fix_recorded_widths(model: nn.Module) -> None:
     for mod in model.modules():
         proj = getattr(mod, "conv_proj", None)
         if isinstance(getattr(mod, "hidden_dim", None), int) and isinstance(proj, nn.Conv2d):
-            mod.hidden_dim = proj.out_channels
+            # a plain int attribute (nn.Module's __setattr__ is typed for tensors / modules)
+            setattr(mod, "hidden_dim", proj.out_channels)
 
 
 def check_channel_groups(
@@ -392,16 +397,16 @@ def _try_groups(
         for h in handles:
             h.remove()
     for pl in spec.pruned_layers(plan):
-        path, e = pl.name, pl.spec
+        path, want = pl.name, pl.spec
         try:
             mod, adapter, suffix = ADAPTERS.resolve(m, path)
         except KeyError:
             return None, f"layer {path} is missing after pruning"
         w = adapter.widths(mod)[suffix]
         got = (w.in_channels, w.out_channels)
-        if got != (e.in_channels, e.out_channels):
+        if got != (want.in_channels, want.out_channels):
             return None, (
                 f"layer {path} has in/out {got} after pruning, the spec predicts "
-                f"{(e.in_channels, e.out_channels)}"
+                f"{(want.in_channels, want.out_channels)}"
             )
     return None

@@ -81,8 +81,9 @@ class Callback:
     def on_step_end(self, trainer: Trainer | None = None) -> None:
         """After every optimiser step."""
 
-    def on_epoch_end(self, trainer: Trainer | None = None) -> None:
-        """After every epoch (``trainer.state.history[-1]`` is its log)."""
+    def on_epoch_end(self, trainer: Trainer | None = None) -> bool | None:
+        """After every epoch (``trainer.state.history[-1]`` is its log). The trainer ignores
+        what it returns (``EarlyStopping`` returns whether to stop, for loops of your own)."""
 
     def on_phase_end(self, trainer: Trainer) -> None:
         """When a phase ends (its steps ran out or a stop was requested)."""

@@ -25,7 +25,7 @@ def _is_int(v: object) -> bool:
 
 
 def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v))
 
 
 @dataclass(frozen=True)

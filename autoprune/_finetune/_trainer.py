@@ -96,7 +96,7 @@ def _distributed_loader(loader: Any, world: int, rank: int, seed: int) -> Any:
     if isinstance(loader.sampler, DistributedSampler):
         return loader
     shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
-    sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
+    sampler: DistributedSampler[Any] = DistributedSampler(loader.dataset, num_replicas=world, rank=rank,
                                  shuffle=shuffle, seed=seed)
     return DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler,

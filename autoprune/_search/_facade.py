@@ -37,6 +37,7 @@ from autoprune.types import ModelSpec
 if TYPE_CHECKING:
     from torch import nn
 
+    from autoprune.backends.base import Backend
     from autoprune.space import SearchSpace
 
 
@@ -143,11 +144,13 @@ def search(
     strat = get_strategy(strategy, **(strategy_options or {}))
 
     # backend, spec, table, predictor ------------------------------------------------------
-    backend = device
+    backend: Backend
     if isinstance(device, str):
         from autoprune.backends import get_backend
 
         backend = get_backend(device)  # each backend has sane defaults (ORT: 1 thread)
+    else:
+        backend = device
     device_name = getattr(backend, "name", "") or type(backend).__name__
     _check_table_device(table, backend)
     if spec is None:

@@ -62,7 +62,9 @@ class Finalists:
 
     @property
     def chosen_trial(self) -> int | None:
-        rows = self.table[self.table["chosen"].astype(bool)] if not self.table.empty else []
+        if self.table.empty:
+            return None
+        rows = self.table[self.table["chosen"].astype(bool)]
         return None if len(rows) == 0 else int(rows["trial"].iloc[0])
 
 

@@ -95,7 +95,7 @@ def _group_values(spec: ModelSpec, plan: PruningPlan) -> dict[str, Any]:
             k = 0.0
         elif s == Structure.CHANNEL:
             k = kept.get(g.name, g.units) / g.units
-        elif s in (Structure.NM, Structure.UNSTRUCTURED):
+        elif gp is not None and s in (Structure.NM, Structure.UNSTRUCTURED):
             k = float(gp.density)
         else:
             k = 1.0
@@ -211,6 +211,12 @@ class CachedProxy:
         else:
             from autoprune.executor import apply_plan
 
+            if self.model is None:
+                raise InvalidInputError(
+                    f"the evaluator {type(self.evaluator).__name__} scores models, so "
+                    "CachedProxy needs the model to apply each plan to (got model=None); pass "
+                    "the model, or give a plan evaluator (with evaluate_plan(plan))"
+                )
             pruned = apply_plan(self.model, plan, self.example_inputs, spec=self.spec)
             v = float(self.evaluator(pruned))
         if not math.isnan(v):

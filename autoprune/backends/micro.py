@@ -15,6 +15,7 @@ kernel position for ``nm``; the lowest magnitudes for ``unstructured``), the sam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,12 @@ class MicroModel(nn.Module):
                     f"known: {', '.join(FUSED_TOKENS)}"
                 )
         if op in (OpKind.CONV1D, OpKind.DWCONV1D, OpKind.CONV2D, OpKind.DWCONV2D):
-            cls = nn.Conv1d if op in (OpKind.CONV1D, OpKind.DWCONV1D) else nn.Conv2d
-            self.layer: nn.Module | None = cls(
+            # torch types kernel / stride / ... per dimension (tuple[int] / tuple[int, int]);
+            # a LayerSpec holds them as tuple[int, ...] of the op's length
+            cls: Callable[..., nn.Conv1d | nn.Conv2d] = (
+                nn.Conv1d if op in (OpKind.CONV1D, OpKind.DWCONV1D) else nn.Conv2d
+            )
+            self.layer: nn.Conv1d | nn.Conv2d | nn.Linear | None = cls(
                 spec.in_channels, spec.out_channels, spec.kernel, stride=spec.stride,
                 padding=spec.padding, dilation=spec.dilation or 1, groups=spec.groups,
                 bias=spec.bias,

@@ -293,6 +293,7 @@ def run_pipeline(
             # the validation data only steers fine-tuning (best epoch, early stopping) when
             # asked: val_loader is also what the report's accuracy is measured on
             steer = fc.early_stopping_patience is not None and fc.val_metric is None
+            assert train_loader is not None  # checked on entry: fc.epochs > 0 needs one
             finetune(pruned, train_loader, epochs=fc.epochs, teacher=teacher,
                      val_loader=val_loader if steer else None,
                      checkpoint_dir=run_dir / "finetune", device=fc.train_device, seed=seed,
