@@ -142,7 +142,7 @@ def export_bundle(
             f"rules_widths={list(rules_widths or [])!r}: the kernel-rules fit needs at least 12 "
             "distinct widths >= 1 (default: 40..80)")
     aligns = (int(alignment),) if alignment is not None else DEFAULT_BUNDLE_ALIGNMENTS
-    items: dict[tuple, str] = {}
+    items: dict[tuple[Any, ...], str] = {}
     for a in aligns:
         for it in enumerate_items(spec, None, a, widths, [Structure.NONE]):
             items.setdefault(it, "grid")
@@ -178,6 +178,7 @@ def export_bundle(
             micro, inputs = build_micro_model(s, st, d)
             _fill_periodic(micro)
             data = to_onnx(micro, inputs)
+            assert isinstance(data, bytes)  # no path given: to_onnx returns the bytes
             atomic_write_bytes(path, gzip.compress(data, compresslevel=6, mtime=0))
             formats.add(_onnx_format(data))
         elif not formats:
@@ -256,23 +257,23 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
     sweep_ms: list[float] = []
     rules_ms: dict[str, float] = {}
     for eid, r in measured.items():
-        e = by_id.get(eid)
-        if e is None:
+        entry = by_id.get(eid)
+        if entry is None:
             raise CorruptFileError(f"{rpath}: entry {eid!r} is not in the bundle manifest {mpath}")
         try:
-            spec = LayerSpec.from_dict(e["spec"])
+            spec = LayerSpec.from_dict(entry["spec"])
             sample = LatencySample(float(r["median_ms"]), float(r["iqr_ms"]), int(r["n_runs"]),
                                    float(r.get("min_ms", float("nan"))))
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptFileError(f"{rpath}: entry {eid!r}: {err}") from None
-        kinds = str(e["kind"]).split("+")
+        kinds = str(entry["kind"]).split("+")
         if "sweep" in kinds:
             sweep_w.append(spec.out_channels)
             sweep_ms.append(sample.median_ms)
         if "rules" in kinds:
             rules_ms[eid] = sample.median_ms
         if "grid" in kinds:
-            table.add(spec, Structure(e["structure"]), float(e["density"]), sample,
+            table.add(spec, Structure(entry["structure"]), float(entry["density"]), sample,
                       r.get("measured_at"))
     missing = [e["id"] for e in manifest["entries"] if e["id"] not in measured]
     if missing:

@@ -306,7 +306,7 @@ def rel_iqr(times_ms: Sequence[float]) -> float:
     return iqr / med if n and med > 0 else float("inf")
 
 
-def calibrate_calls(call: Callable[[], None], min_sample_ms: float, max_calls: int = 1000) -> int:
+def calibrate_calls(call: Callable[[], object], min_sample_ms: float, max_calls: int = 1000) -> int:
     """Calls per timed sample so that one sample lasts at least ``min_sample_ms``."""
     if min_sample_ms <= 0:
         return 1
@@ -691,8 +691,8 @@ def run_bundle(
     for start in range(0, len(todo), max(1, chunk)):
         batch = todo[start : start + chunk]
         timers = []
-        for e in batch:
-            sess = _load_session(bundle_dir, e, manifest, threads, graph_optimization_level,
+        for entry in batch:
+            sess = _load_session(bundle_dir, entry, manifest, threads, graph_optimization_level,
                                  providers)
             call = session_timer(sess)
             n = calibrate_calls(lambda: call(), protocol.get("min_sample_ms", 0.0))
@@ -709,9 +709,9 @@ def run_bundle(
             burst_runs=protocol.get("burst_runs", 1),
         )
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        for e, ts in zip(batch, times):
+        for entry, ts in zip(batch, times):
             med, iqr, n, mn = summarize(ts)
-            results["entries"][e["id"]] = {
+            results["entries"][entry["id"]] = {
                 "median_ms": med, "iqr_ms": iqr, "n_runs": n, "min_ms": mn, "measured_at": stamp,
             }
         _atomic_write_json(out, results)
