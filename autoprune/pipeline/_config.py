@@ -36,6 +36,21 @@ def _mapping(name: str, value: Any) -> None:
                                 f"{type(value).__name__}")
 
 
+def _checked_options(arg: str, what: str, options: Mapping[str, Any] | None,
+                     owned: Mapping[str, str], known: set[str], cls_name: str) -> dict[str, Any]:
+    """``options`` (the old free-form dict ``arg``) as a dict, every key a field of
+    ``cls_name`` that the pipeline does not set itself (else an error saying where it goes)."""
+    _mapping(arg, options)
+    opts = dict(options or {})
+    for key in opts:
+        if key in owned:
+            raise InvalidInputError(f"{arg}[{key!r}] is set by the pipeline; pass {owned[key]}")
+        if key not in known:
+            raise InvalidInputError(f"unknown {what} {key!r}; {cls_name} has "
+                                    f"{', '.join(sorted(known))}")
+    return opts
+
+
 #: search() arguments that run_pipeline sets itself: key -> what to pass instead
 _SEARCH_OWNED = {
     "evaluator": "run_pipeline(search_evaluator=...)",
@@ -102,16 +117,8 @@ class SearchConfig:
                      **base: Any) -> SearchConfig:
         """The config for the old ``search_options`` dict (plus ``base`` fields such as
         ``n_trials``); a key that is no field is an error saying where it goes."""
-        _mapping("search_options", options)
-        known = {f.name for f in fields(cls)}
-        opts = dict(options or {})
-        for key in opts:
-            if key in _SEARCH_OWNED:
-                raise InvalidInputError(f"search_options[{key!r}] is set by the pipeline; pass "
-                                        f"{_SEARCH_OWNED[key]}")
-            if key not in known:
-                raise InvalidInputError(f"unknown search option {key!r}; SearchConfig has "
-                                        f"{', '.join(sorted(known))}")
+        opts = _checked_options("search_options", "search option", options, _SEARCH_OWNED,
+                                {f.name for f in fields(cls)}, "SearchConfig")
         if "n_trials" in opts and "n_trials" in base:
             raise InvalidInputError("n_trials given twice (search_options and n_trials=): "
                                     "pass it once, e.g. SearchConfig(n_trials=...)")
@@ -193,16 +200,10 @@ class FinetuneOptions:
                      **base: Any) -> FinetuneOptions:
         """The config for the old ``finetune_options`` dict (plus ``base`` fields such as
         ``epochs``); a key that is no field is an error saying where it goes."""
-        _mapping("finetune_options", options)
-        known = {f.name for f in fields(cls)} - {"epochs", "distill", "train_device"}
-        opts = dict(options or {})
-        for key in opts:
-            if key in _FINETUNE_OWNED:
-                raise InvalidInputError(f"finetune_options[{key!r}] is set by the pipeline; "
-                                        f"pass {_FINETUNE_OWNED[key]}")
-            if key not in known:
-                raise InvalidInputError(f"unknown fine-tuning option {key!r}; FinetuneOptions "
-                                        f"has {', '.join(sorted(known))}")
+        opts = _checked_options(
+            "finetune_options", "fine-tuning option", options, _FINETUNE_OWNED,
+            {f.name for f in fields(cls)} - {"epochs", "distill", "train_device"},
+            "FinetuneOptions")
         return cls(**{**base, **opts})
 
     def finetune_kwargs(self) -> dict[str, Any]:
