@@ -154,6 +154,8 @@ def _fixture(name: str) -> str:
     ("rpi5_cpuinfo.txt", "ARM Cortex-A76", {"asimd", "asimddp", "asimdhp", "fphp", "neon"}),
     ("neoverse_n1_cpuinfo.txt", "ARM Neoverse-N1",
      {"asimd", "asimddp", "asimdhp", "fphp", "neon"}),
+    # verbatim published text (see the fixture's header)
+    ("imx93_cpuinfo.txt", "ARM Cortex-A55", {"asimd", "asimddp", "asimdhp", "fphp", "neon"}),
 ])
 def test_fingerprint_of_arm_cpuinfo(name, core, must_have):
     from autoprune.bundle_runner import fingerprint_from
