@@ -63,6 +63,11 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
                  "front.png"):
         assert (tmp_path / "run" / name).exists(), name
     assert (tmp_path / "run" / "search" / "study.journal").exists()
+    # fine-tune checkpoints are kept per plan (a rerun search may choose another plan)
+    import hashlib
+
+    plan_id = hashlib.sha256(rep.plan.to_json(indent=None).encode()).hexdigest()[:12]
+    assert [p.name for p in (tmp_path / "run" / "finetune").iterdir()] == [plan_id]
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["budget_met"] is True and saved["accuracy_pruned"] == rep.accuracy_pruned
 

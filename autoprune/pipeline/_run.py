@@ -25,6 +25,7 @@ in (``table=``, ``predictor=``, ``plan=``). Artefacts::
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -255,7 +256,9 @@ def run_pipeline(
                 model, args, spec, table, backend, predictor, budget, sc, state, run_dir,
                 search_evaluator, val_loader, train_loader, seed, progress, say)
             atomic_write_text(plan_path, plan.to_json())
-            st.record(predicted_ms=predicted_ms)
+            # a new search may choose another plan: the old plan's accuracies are not its own
+            st.record(predicted_ms=predicted_ms, accuracy_before_finetune=None,
+                      accuracy_pruned=None)
     if predicted_ms is None and predictor is not None:
         predicted_ms = _predict(predictor, plan)
         state.set(predicted_ms=predicted_ms)
@@ -294,9 +297,13 @@ def run_pipeline(
             # asked: val_loader is also what the report's accuracy is measured on
             steer = fc.early_stopping_patience is not None and fc.val_metric is None
             assert train_loader is not None  # checked on entry: fc.epochs > 0 needs one
+            # checkpoints per plan: a search that reruns on resume (and re-measures its
+            # finalists) may choose another plan, whose fine-tune must not load this one's
+            plan_id = hashlib.sha256(plan.to_json(indent=None).encode()).hexdigest()[:12]
             finetune(pruned, train_loader, epochs=fc.epochs, teacher=teacher,
                      val_loader=val_loader if steer else None,
-                     checkpoint_dir=run_dir / "finetune", device=fc.train_device, seed=seed,
+                     checkpoint_dir=run_dir / "finetune" / plan_id, device=fc.train_device,
+                     seed=seed,
                      progress=progress, **fc.finetune_kwargs())
             pruned = pruned.to("cpu").eval()
             atomic_torch_save(pruned.state_dict(), weights_path)
