@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from autoprune.errors import CorruptFileError, InvalidInputError
+from autoprune.io import atomic_write_bytes, atomic_write_json, read_json
 from autoprune.latency import SWEEP_WIDTHS, KernelRules, rules_from_sweep, sweep_layers
 from autoprune.latency._profile import (
     ALIGNMENT_CANDIDATES,
@@ -121,7 +122,6 @@ def export_bundle(
     from tqdm.auto import tqdm
 
     from autoprune.backends.micro import build_micro_model
-    from autoprune.io import atomic_write_bytes, atomic_write_json
     from autoprune.onnx_export import as_input_tuple, to_onnx
 
     out = Path(out_dir)
@@ -224,8 +224,6 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
     could not trust (an emulator), which is also warned about. With a kernel-rules sweep in the
     bundle the device's ``KernelRules`` are fitted (``rules_from_sweep``) and recorded.
     """
-    from autoprune.io import read_json
-
     rpath = Path(results_path)
     results = read_json(rpath)
     mpath = Path(manifest_path) if manifest_path is not None else rpath.parent / "manifest.json"

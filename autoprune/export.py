@@ -19,6 +19,7 @@ from torch import nn
 
 from autoprune.budget import Budget
 from autoprune.errors import BackendUnavailable, InvalidInputError
+from autoprune.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     from autoprune.types import LatencySample
@@ -331,7 +332,6 @@ def export_tensorrt(onnx_path: str | Path, engine_path: str | Path, fp16: bool =
         raise BackendUnavailable(cls.unavailable_reason())
     be = cls(fp16=fp16, sparse_weights=sparse_weights, workspace_mb=workspace_mb)
     engine = be.build_engine(onnx_path.read_bytes())
-    from autoprune.io import atomic_write_bytes, atomic_write_json
 
     out = atomic_write_bytes(engine_path, bytes(engine.serialize()))
     rep = getattr(be, "last_sparsity", None)

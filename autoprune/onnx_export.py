@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from autoprune.errors import AutoPruneError
+from autoprune.io import atomic_write_bytes
 
 DEFAULT_OPSET = 17
 
@@ -92,7 +93,6 @@ def to_onnx(
         model.train(was_training)
     if path is None:
         return data
-    from autoprune.io import atomic_write_bytes
 
     return atomic_write_bytes(path, data)
 

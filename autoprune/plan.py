@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autoprune.errors import CorruptFileError, InvalidPlanError
+from autoprune.io import atomic_write_text, read_text
 from autoprune.types import Structure
 
 if TYPE_CHECKING:
@@ -244,14 +245,10 @@ class PruningPlan:
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> Path:
-        from autoprune.io import atomic_write_text
-
         return atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
-        from autoprune.io import read_text
-
         path = Path(path)
         text = read_text(path)
         try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from autoprune.errors import UnknownNameError
+
 
 def conv1d_net(num_classes: int = 10, width: int = 64, in_channels: int = 1) -> nn.Sequential:
     """A 1-D CNN for MNIST-1D-style input (N, 1, 40): three conv-BN-ReLU stages, pooled, linear."""
@@ -34,8 +36,6 @@ def torchvision_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.
 
     fn = getattr(torchvision.models, name, None)
     if fn is None:
-        from autoprune.errors import UnknownNameError
-
         raise UnknownNameError("torchvision model", name, torchvision.models.list_models())
     model: nn.Module = fn(weights=None, num_classes=num_classes, **kwargs)
     return model

@@ -39,6 +39,7 @@ from autoprune import masks
 from autoprune._finetune._schedule import GradualPruner, GradualSchedule
 from autoprune._finetune._state import TrainState
 from autoprune.errors import CorruptFileError, InvalidInputError
+from autoprune.io import atomic_torch_save, safe_torch_load
 
 if TYPE_CHECKING:
     from autoprune._finetune._trainer import Trainer
@@ -371,8 +372,6 @@ class Checkpoint(Callback):
         self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
-        from autoprune.io import atomic_torch_save
-
         if trainer.rank == 0:
             generator = getattr(trainer.loader, "generator", None)
             atomic_torch_save({
@@ -388,8 +387,6 @@ class Checkpoint(Callback):
         trainer.barrier()
 
     def load(self, trainer: Trainer) -> None:
-        from autoprune.io import safe_torch_load
-
         path = self.path
         ck = safe_torch_load(path)
         if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:

@@ -29,7 +29,7 @@ import autoprune._search._finalists as _fin
 from autoprune._search._optimize import CachedProxy, latency_fn, optimize
 from autoprune._search._result import SearchResult
 from autoprune.budget import Budget
-from autoprune.errors import InfeasibleBudgetError, InvalidInputError
+from autoprune.errors import InfeasibleBudgetError, InvalidInputError, TableMismatchError
 from autoprune.latency._model import TableLatencyModel, as_latency_model
 from autoprune.strategies.base import SearchProblem
 from autoprune.types import ModelSpec
@@ -256,8 +256,6 @@ def _check_table_device(table: Any, backend: Any) -> None:
         return
     bdev = info()
     if bdev.device_id != tdev.device_id:
-        from autoprune.errors import TableMismatchError
-
         fields = bdev.diff(tdev) or ["device_id"]
         details = ", ".join(f"{f}: table {tdev.to_dict().get(f)!r} vs backend "
                             f"{bdev.to_dict().get(f)!r}" for f in fields)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from autoprune.errors import UnknownNameError
+from autoprune.errors import BackendUnavailable, UnknownNameError
 
 if TYPE_CHECKING:
     from autoprune.backends.base import Backend
@@ -51,8 +51,6 @@ def get_backend(name: str, **options: Any) -> Backend:
     Raises ``UnknownNameError`` for an unknown name and ``BackendUnavailable`` (naming what to
     install) when its runtime or hardware is missing.
     """
-    from autoprune.errors import BackendUnavailable
-
     cls = backend_class(name)
     if not cls.is_available():
         raise BackendUnavailable(cls.unavailable_reason())

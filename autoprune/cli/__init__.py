@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from autoprune.errors import AutoPruneError
+
 # subcommand modules, in --help order; a module that does not exist yet is skipped
 _SUBCOMMANDS = ("profile", "bundle", "predict", "search", "run", "export")
 
@@ -31,8 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from autoprune.errors import AutoPruneError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

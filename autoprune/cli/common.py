@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from autoprune.errors import InvalidInputError
+from autoprune.io import safe_torch_load
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -64,8 +65,6 @@ def load_model(factory: str, kwargs_json: str | None = None, weights: str | None
         kwargs.setdefault("weights", None)
     model = fn(**kwargs)
     if weights:
-        from autoprune.io import safe_torch_load
-
         state = safe_torch_load(weights)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]

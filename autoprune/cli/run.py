@@ -23,6 +23,7 @@ from autoprune.cli.common import (
     parse_shape,
 )
 from autoprune.errors import InvalidInputError
+from autoprune.io import atomic_torch_save, safe_torch_load
 
 DATASETS = ("digits", "mnist1d")
 
@@ -85,7 +86,6 @@ def main(args: argparse.Namespace) -> int:
         if train_loader is None:
             raise InvalidInputError("--pretrain-epochs needs --data")
         weights = Path(args.run_dir) / "dense.pt"
-        from autoprune.io import atomic_torch_save, safe_torch_load
 
         if weights.exists():
             model.load_state_dict(safe_torch_load(weights))

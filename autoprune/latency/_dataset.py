@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoprune.errors import CorruptFileError
+from autoprune.io import atomic_write_json, atomic_write_text, read_json
 from autoprune.plan import PruningPlan
 
 if TYPE_CHECKING:
@@ -44,8 +45,6 @@ def meta_path(path: Path) -> Path:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    from autoprune.io import read_json
-
     meta = read_json(meta_path(path))
     if not isinstance(meta, dict):
         raise CorruptFileError(f"{meta_path(path)}: expected a JSON object")
@@ -92,8 +91,6 @@ def base_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 def write_dataset(path: Path, rows: pd.DataFrame, meta: dict[str, Any]) -> None:
     """CSV then sidecar, each atomically."""
-    from autoprune.io import atomic_write_json, atomic_write_text
-
     atomic_write_text(path, rows.to_csv(index=False, float_format=None))
     atomic_write_json(meta_path(path), {"schema_version": DATASET_SCHEMA_VERSION, **meta})
 

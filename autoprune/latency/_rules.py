@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoprune.errors import CorruptFileError
+from autoprune.io import atomic_write_json, cache_dir, read_json
 from autoprune.measure import ProtocolSettings
 from autoprune.types import LayerSpec, OpKind, Structure
 
@@ -299,7 +300,6 @@ def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = Fal
     every time, store nothing). ``refresh``: detect again and overwrite."""
     from pathlib import Path
 
-    from autoprune.io import atomic_write_json, cache_dir, read_json
 
     if cache is False:
         return detect_kernel_rules(backend)

@@ -67,7 +67,16 @@ from autoprune.errors import (
     TableMismatchError,
     TableMissError,
 )
-from autoprune.io import read_text
+from autoprune.io import (
+    LOCK_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    cache_dir,
+    file_lock,
+    read_bytes,
+    read_json,
+    read_text,
+)
 from autoprune.latency._rules import KernelRules
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, OpKind, Structure
 
@@ -407,8 +416,6 @@ class LatencyTable:
         cache, ``autoprune.io.cache_dir()/latency_tables`` (``$AUTOPRUNE_CACHE`` etc., read
         now)."""
         if root is None:
-            from autoprune.io import cache_dir
-
             root = cache_dir() / "latency_tables"
         return Path(root) / device_info.device_id
 
@@ -450,8 +457,6 @@ class LatencyTable:
         rules, protocol, notes, sidecar keys it does not write) is taken from it; structures are
         united. Afterwards this table holds the merged entries too.
         """
-        from autoprune.io import LOCK_NAME, atomic_write_bytes, atomic_write_json, file_lock
-
         d = Path(directory) if directory is not None else self.path
         if d is None:
             raise InvalidInputError(
@@ -513,8 +518,6 @@ class LatencyTable:
         whole or not at all. A CSV that does not match the sidecar's ``csv_sha256`` raises
         ``CorruptFileError`` naming it (tables written before the field existed are not
         checked)."""
-        from autoprune.io import LOCK_NAME, file_lock
-
         d = Path(directory)
         with file_lock(d / LOCK_NAME, shared=True) as fd:
             meta, csv_bytes = _read_pair(d)
@@ -718,8 +721,6 @@ def _describe(key: EntryKey) -> str:
 
 def _read_pair(d: Path) -> tuple[Any, bytes]:
     """(parsed sidecar, CSV bytes) of table directory ``d``; call under its lock."""
-    from autoprune.io import read_bytes, read_json
-
     return read_json(d / JSON_NAME), read_bytes(d / CSV_NAME)
 
 

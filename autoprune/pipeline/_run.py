@@ -35,9 +35,15 @@ from torch import nn
 
 import autoprune.pipeline._anchor as _anchor
 from autoprune.budget import Budget
-from autoprune.errors import InfeasibleBudgetError, InvalidInputError
+from autoprune.errors import CorruptFileError, InfeasibleBudgetError, InvalidInputError
 from autoprune.export import _as_tuple
-from autoprune.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from autoprune.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    safe_torch_load,
+)
 from autoprune.latency._model import as_latency_model
 from autoprune.pipeline._config import FinetuneOptions, SearchConfig
 from autoprune.pipeline._report import PipelineReport
@@ -425,8 +431,6 @@ def _band(predictor: Any, plan: PruningPlan) -> tuple[float, float] | None:
 
 def _record_table(run_dir: Path, table: Any) -> None:
     """Note which table the run used (path and device) in ``table_ref.json``."""
-    from autoprune.io import atomic_write_json
-
     ref: dict[str, Any] = {"type": type(table).__name__}
     for attr in ("path", "directory", "root"):
         v = getattr(table, attr, None)
@@ -440,7 +444,6 @@ def _record_table(run_dir: Path, table: Any) -> None:
 
 def _verify_from_json(path: Path) -> VerifyReport:
     from autoprune.export import VerifyReport
-    from autoprune.io import read_json
     from autoprune.types import LatencySample
 
     d = read_json(path)
@@ -450,8 +453,6 @@ def _verify_from_json(path: Path) -> VerifyReport:
 
     measured = sample(d.get("measured"))
     if measured is None:
-        from autoprune.errors import CorruptFileError
-
         raise CorruptFileError(f"{path}: no 'measured' entry; delete it to verify again")
     return VerifyReport(
         backend=d["backend"], measured=measured, budget_ms=d.get("budget_ms"),
