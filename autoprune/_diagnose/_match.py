@@ -247,3 +247,58 @@ def _match_producer(pruned: nn.Module, reference: nn.Module, spec: ModelSpec, pr
     if len(set(chosen)) != len(chosen):
         return None
     return sorted(chosen) if chosen == sorted(chosen) else None
+
+
+def widths_from_state_dict(state: dict[str, torch.Tensor], spec: ModelSpec
+                           ) -> dict[str, LayerWidths]:
+    """Per spec layer, the widths a saved state_dict's weight shapes give (conv and linear
+    layers; ``torch.nn.utils.prune``'s ``weight_orig`` read as ``weight``)."""
+    out: dict[str, LayerWidths] = {}
+    for name, lay in spec.layers.items():
+        w = state.get(f"{name}.weight")
+        if w is None:
+            w = state.get(f"{name}.weight_orig")
+        if w is None or w.dim() < 2:
+            raise ModelMismatchError(
+                name, "the state_dict has no 2-D+ weight for this layer (only conv and linear "
+                      "layers can be read from a state_dict; pass the pruned module itself)")
+        co = int(w.shape[0])
+        if lay.spec.op.is_depthwise:
+            ci = co
+        elif lay.spec.op.is_conv:
+            ci = int(w.shape[1]) * lay.spec.groups
+        else:
+            ci = int(w.shape[1])
+        if ci > lay.spec.in_channels or co > lay.spec.out_channels:
+            raise ModelMismatchError(
+                name, f"it is wider than the reference's ({ci}->{co} channels, reference "
+                      f"{lay.spec.in_channels}->{lay.spec.out_channels})")
+        out[name] = LayerWidths(ci, co, 0.0, 0, False)
+    return out
+
+
+def pruned_from_state_dict(reference: nn.Module, state: dict[str, torch.Tensor],
+                           inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+    """The pruned model a state_dict saved from a channel-pruned copy of ``reference`` (e.g.
+    by Torch-Pruning) describes: the reference pruned to its shapes, its values loaded."""
+    from autoprune._analyze import analyze
+    from autoprune.executor import apply_plan
+
+    spec = analyze(reference, inputs)
+    plan, _ = plan_from_widths(spec, widths_from_state_dict(state, spec))
+    model = apply_plan(reference, plan, inputs, importance="l1", spec=spec)
+    plain: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k.endswith("_mask"):
+            continue
+        if k.endswith("_orig"):
+            mask = state.get(k[: -len("_orig")] + "_mask")
+            k = k[: -len("_orig")]
+            v = v * mask.to(v.dtype) if mask is not None else v
+        plain[k] = v
+    try:
+        model.load_state_dict(plain)
+    except RuntimeError as e:
+        raise InvalidInputError(f"the pruned state_dict does not fit the reference pruned to "
+                                f"its widths: {e}") from None
+    return model

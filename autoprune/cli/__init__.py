@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # subcommand modules, in --help order; a module that does not exist yet is skipped
-_SUBCOMMANDS = ("profile", "bundle", "predict", "search", "run", "export")
+_SUBCOMMANDS = ("profile", "bundle", "predict", "search", "run", "export", "diagnose", "repair")
 
 
 def build_parser() -> argparse.ArgumentParser:
