@@ -265,3 +265,17 @@ def test_diagnose_on_onnxruntime_cpu():
     assert report.pruned_latency_ms > 0
     assert report.kept_units == spec.kept_units(ap.PruningPlan.uniform(spec, 0.7))
     assert set(report.misaligned) == {"0", "3"}  # 22 and 34 channels: off the step of 8
+
+
+def test_autoprune_masks_are_recognised_and_measured(resnet, cliff):
+    """A model carrying autoprune's own masks analyses and measures (the dry run once failed
+    on a weight_mask it did not resize) and is reported as masked."""
+    spec = ap.analyze(resnet, X)
+    masked = ap.apply_plan(resnet, ap.PruningPlan.uniform(spec, 0.5, "unstructured"), X,
+                           spec=spec)
+    assert any(n.endswith("weight_mask") for n, _ in masked.named_buffers())
+    report = ap.diagnose(masked, resnet, X, device=cliff)
+    assert report.masked and len(report.masked_layers) >= 10
+    assert "masks give no speed on synthetic" in " ".join(report.notes)
+    # unstructured masks run dense on this device: no faster than dense
+    assert report.latency_ratio == pytest.approx(1.0, abs=0.02)
