@@ -160,10 +160,17 @@ def test_repair_meets_a_budget(resnet, tp_resnet, cliff):
     input_ms = cliff.model_cost_ms(tp_resnet, X)
     budget = 0.8 * input_ms
     result = ap.repair(tp_resnet, resnet, X, device=cliff, latency_budget_ms=budget)
-    if result.changed:
-        assert cliff.model_cost_ms(result.model, X) <= budget + 1e-9
-    else:
-        assert any("budget" in n or "unchanged" in n for n in result.notes)
+    assert result.changed and result.budget_ms == budget
+    assert cliff.model_cost_ms(result.model, X) <= budget + 1e-9
+    assert result.repaired_latency_ms == pytest.approx(cliff.model_cost_ms(result.model, X))
+    # the widest candidate within the budget wins
+    within = result.candidates[result.candidates["measured_latency_ms"] <= budget]
+    assert ap.analyze(resnet, X).count(result.plan)[0] == within["macs"].max()
+    # a budget rounding cannot reach: the fastest faster candidate, and a note saying so
+    tight = ap.repair(tp_resnet, resnet, X, device=cliff, latency_budget_ms=0.1 * input_ms)
+    assert tight.changed and tight.repaired_latency_ms < input_ms
+    assert tight.ratio_to_input == pytest.approx(tight.candidates["ratio_to_input"].min())
+    assert any("no candidate meets the budget" in n for n in tight.notes)
     with pytest.raises(ap.errors.InvalidInputError, match="latency_budget_ms"):
         ap.repair(tp_resnet, resnet, X, device=cliff, latency_budget_ms=-1.0)
 
