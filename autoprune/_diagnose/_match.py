@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from autoprune.plan import GroupPlan, PruningPlan
 from autoprune.types import ModelSpec, OpKind, Structure
 
 
-def check_structure(pruned: nn.Module, reference: nn.Module) -> None:
+def check_structure(pruned: Any, reference: Any) -> None:
     """Raise ``ModelMismatchError`` naming the first module whose path or type differs."""
     if not isinstance(pruned, nn.Module) or not isinstance(reference, nn.Module):
         bad = pruned if not isinstance(pruned, nn.Module) else reference
@@ -133,11 +134,11 @@ def plan_from_widths(spec: ModelSpec, widths: dict[str, LayerWidths]) -> tuple[
                 continue
             votes.setdefault(g, Counter())[num // ch] += 1
     kept: dict[str, int] = {}
-    for g in spec.groups.values():
-        if g.kind != "channel":
+    for grp in spec.groups.values():
+        if grp.kind != "channel":
             continue
-        c = votes.get(g.name)
-        kept[g.name] = min(g.units, c.most_common(1)[0][0]) if c else g.units
+        c = votes.get(grp.name)
+        kept[grp.name] = min(grp.units, c.most_common(1)[0][0]) if c else grp.units
     plan = PruningPlan.dense(spec)
     for name, k in kept.items():
         if k < spec.groups[name].units:

@@ -57,7 +57,7 @@ class DiagnosisReport:
     @property
     def misaligned(self) -> list[str]:
         """Layers whose pruned widths are off the device's fast path."""
-        return self.layers.loc[self.layers["misaligned"], "layer"].tolist()
+        return [str(x) for x in self.layers.loc[self.layers["misaligned"], "layer"]]
 
     @property
     def speedup(self) -> float:
@@ -140,7 +140,7 @@ def _round(w: int, step: int, dense: int, up: bool) -> int:
 def layer_rows(ctx: Context) -> list[dict[str, Any]]:
     rules = ctx.rules
     after = {p.name: p for p in ctx.spec.pruned_layers(ctx.plan)}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, lay in ctx.spec.layers.items():
         before, pl = lay.spec, after[name]
         sp = pl.spec
@@ -176,9 +176,10 @@ def layer_rows(ctx: Context) -> list[dict[str, Any]]:
             "latency_up_ms": ctx.price(sp.with_channels(*up), pl.structure, pl.density),
             "weight_zero_share": w.weight_zero_share, "zero_out_channels": w.zero_out_channels,
         })
-    total = sum(r["latency_after_ms"] for r in rows) or 1.0
-    for r in rows:
-        r["share"] = r["latency_after_ms"] / total
+    after_ms = [float(r["latency_after_ms"]) for r in rows]
+    total = sum(after_ms) or 1.0
+    for r, ms in zip(rows, after_ms):
+        r["share"] = ms / total
     return rows
 
 
