@@ -208,6 +208,11 @@ def test_masked_model_is_recognised(resnet, cliff):
     rep = ap.diagnose(zeroed, resnet, X, device=cliff, measure=False)
     assert rep.layers.set_index("layer").loc["layer2.0.conv1", "zero_out_channels"] == 40
     assert rep.masked_layers == ["layer2.0.conv1"]
+    fixed = ap.repair(masked, resnet, X, device=cliff)
+    assert fixed.model is masked and not fixed.changed
+    assert any("masks give no speed" in n for n in fixed.notes)
+    measured = ap.diagnose(masked, resnet, X, device=cliff)  # torch prune hooks: measurable
+    assert measured.latency_ratio == pytest.approx(1.0, abs=0.02)
     plain = ap.diagnose(resnet, resnet, X, device=cliff, measure=False)
     assert not plain.masked and plain.notes == []
 

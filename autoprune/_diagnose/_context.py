@@ -13,8 +13,10 @@ from autoprune._analyze import analyze, normalize_inputs
 from autoprune._diagnose._match import (
     LayerWidths,
     check_structure,
+    detach_pruning_weights,
     plan_from_widths,
     read_widths,
+    without_pruning_hooks,
 )
 from autoprune.errors import InvalidInputError, TableMismatchError
 from autoprune.latency._rules import KernelRules, cached_kernel_rules
@@ -37,6 +39,9 @@ class Context:
     kept: dict[str, int]
     table: LatencyTable
     rules: KernelRules
+    #: the pruned model as the device runs it (``torch.nn.utils.prune`` made permanent on a
+    #: copy; the input itself otherwise)
+    runnable: nn.Module
 
     def price(self, spec: LayerSpec, structure: Structure = Structure.NONE,
               density: float = 1.0) -> float:
@@ -78,6 +83,7 @@ def resolve_backend(device: Any) -> tuple[Any, str]:
 def build_context(pruned: nn.Module, reference: nn.Module, example_inputs: Any, device: Any,
                   table: LatencyTable | None) -> Context:
     check_structure(pruned, reference)
+    detach_pruning_weights(pruned)
     backend, name = resolve_backend(device)
     inputs = normalize_inputs(example_inputs)
     spec = analyze(reference, inputs)
@@ -95,4 +101,5 @@ def build_context(pruned: nn.Module, reference: nn.Module, example_inputs: Any, 
             f"{backend.device_info().device_id}; profile the reference on this device "
             "(autoprune.profile) or pass table=None")
     rules = table.kernel_rules if table.kernel_rules is not None else cached_kernel_rules(backend)
-    return Context(backend, name, inputs, spec, widths, plan, kept, table, rules)
+    return Context(backend, name, inputs, spec, widths, plan, kept, table, rules,
+                   without_pruning_hooks(pruned))

@@ -12,6 +12,7 @@ from torch import nn
 from autoprune._diagnose._context import Context, build_context
 from autoprune._diagnose._match import match_channels
 from autoprune._diagnose._rebuild import choose_indices, graft
+from autoprune._diagnose._report import mask_notes
 from autoprune.errors import InvalidInputError
 from autoprune.plan import GroupPlan, PruningPlan
 from autoprune.types import Structure
@@ -195,7 +196,7 @@ def repair(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
 
     ctx = build_context(pruned, reference, example_inputs, device, table)
     notes: list[str] = []
-    dense_s, input_s = ctx.backend.measure_interleaved([reference, pruned], ctx.inputs)
+    dense_s, input_s = ctx.backend.measure_interleaved([reference, ctx.runnable], ctx.inputs)
     dense_ms, input_ms = float(dense_s.median_ms), float(input_s.median_ms)
     pruned_table_ms = ctx.predict(ctx.plan)
     if latency_budget_ms is None:
@@ -203,10 +204,11 @@ def repair(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
     else:  # the budget in table units: the table total scaled as the measurement runs
         target = float(latency_budget_ms) * pruned_table_ms / max(input_ms, 1e-12)
     cands = candidate_widths(ctx, target)
+    notes.extend(mask_notes(ctx))
     if not cands:
         notes.append("every group is already on the device's fast widths "
                      f"({ctx.rules}); nothing to round")
-    idx, why = match_channels(pruned, reference, ctx.spec, ctx.kept) if cands else ({}, "")
+    idx, why = match_channels(ctx.runnable, reference, ctx.spec, ctx.kept) if cands else ({}, "")
     rebuilt = bool(cands) and not idx
     if rebuilt:
         notes.append(f"the pruned model's channels could not be matched to the reference's "
@@ -219,8 +221,8 @@ def repair(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
         plan = _plan_of(ctx, widths)
         model: nn.Module | None = None
         if idx:
-            model = graft(pruned, reference, ctx.spec, ctx.inputs, idx,
-                          choose_indices(pruned, reference, ctx.spec, idx, widths))
+            model = graft(ctx.runnable, reference, ctx.spec, ctx.inputs, idx,
+                          choose_indices(ctx.runnable, reference, ctx.spec, idx, widths))
             if model is None and not rebuilt:
                 rebuilt = True
                 notes.append("the pruned model's tensors do not have the shapes its channels "
@@ -228,7 +230,7 @@ def repair(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
                              "apply_plan (l1)")
         if model is None:
             model = apply_plan(reference, plan, ctx.inputs, importance="l1", spec=ctx.spec)
-        ratio, iqr = ctx.backend.measure_ratio(model, pruned, ctx.inputs)
+        ratio, iqr = ctx.backend.measure_ratio(model, ctx.runnable, ctx.inputs)
         ms = float(ratio) * input_ms
         macs = ctx.spec.count(plan)[0]
         ok = ratio < 1.0 and (latency_budget_ms is None or ms <= latency_budget_ms)

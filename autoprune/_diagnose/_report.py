@@ -227,8 +227,9 @@ def diagnose(pruned: nn.Module, reference: nn.Module, example_inputs: Any,
         report.notes.append("autoprune.repair(...) rounds each group to the device's fast "
                             "widths and measures the result")
     if measure:
-        dense_s, pruned_s = ctx.backend.measure_interleaved([reference, pruned], ctx.inputs)
-        ratio, iqr = ctx.backend.measure_ratio(pruned, reference, ctx.inputs)
+        dense_s, pruned_s = ctx.backend.measure_interleaved([reference, ctx.runnable],
+                                                            ctx.inputs)
+        ratio, iqr = ctx.backend.measure_ratio(ctx.runnable, reference, ctx.inputs)
         report.dense_latency_ms = float(dense_s.median_ms)
         report.pruned_latency_ms = float(pruned_s.median_ms)
         report.latency_ratio, report.ratio_iqr = float(ratio), float(iqr)

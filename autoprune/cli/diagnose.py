@@ -21,7 +21,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", required=True,
                    help="the dense model's factory, module:callable")
     p.add_argument("--model-kwargs", default=None, help="JSON keyword arguments of the factory")
-    p.add_argument("--weights", default=None, help="the dense model's state_dict (optional)")
+    p.add_argument("--weights", default=None,
+                   help="the dense model's state_dict: the weights the pruned model was made "
+                        "from (without them repair cannot match the pruned model's channels "
+                        "and rebuilds from the reference)")
     p.add_argument("--pruned", required=True, help="the pruned model's state_dict file")
     p.add_argument("--input-shape", required=True, help="e.g. 1,3,32,32")
     add_backend_args(p)
