@@ -94,7 +94,9 @@ def detach_pruning_weights(model: nn.Module) -> None:
                 continue
             for method in methods:
                 name = getattr(method, "_tensor_name", None)
-                t = getattr(mod, name, None) if isinstance(name, str) else None
+                if not isinstance(name, str):
+                    continue
+                t = getattr(mod, name, None)
                 if isinstance(t, torch.Tensor) and not t.is_leaf:
                     setattr(mod, name, t.detach())
 
