@@ -61,6 +61,10 @@ _EXPORTS: dict[str, str] = {
     "evaluate_accuracy": "autoprune._finetune",
     "distillation_loss": "autoprune._finetune",
     "make_storage": "autoprune.storage",
+    "diagnose": "autoprune._diagnose",
+    "repair": "autoprune._diagnose",
+    "DiagnosisReport": "autoprune._diagnose",
+    "RepairResult": "autoprune._diagnose",
     "errors": "autoprune.errors",
 }
 

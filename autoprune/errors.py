@@ -86,3 +86,16 @@ class SearchSpaceError(AutoPruneError, ValueError):
 class StorageError(AutoPruneError):
     """A search storage (journal file or database) that cannot be opened or reached. The message
     names the file or host/port (never the password) and what to check."""
+
+
+class ModelMismatchError(InvalidInputError):
+    """A pruned model whose structure does not match its reference (a layer of another type,
+    an extra or a missing layer, a layer wider than the reference's). The message names the
+    first module that differs; ``module_path`` holds it."""
+
+    def __init__(self, module_path: str, reason: str) -> None:
+        self.module_path = module_path
+        super().__init__(
+            f"the pruned model does not match the reference at module {module_path!r}: {reason}; "
+            "pass the dense model the pruned one was made from as reference"
+        )

@@ -1,5 +1,6 @@
-"""Plots of search results. matplotlib is imported here only (``import autoprune`` and the
-search never load it); ``SearchResult.plot()`` delegates to :func:`plot_search_front`."""
+"""Plots of search results and diagnoses. matplotlib is imported here only (``import
+autoprune`` and the search never load it); ``SearchResult.plot()`` delegates to
+:func:`plot_search_front`, ``DiagnosisReport.plot()`` to :func:`plot_layer_latency`."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from autoprune.errors import InvalidInputError
 from autoprune.io import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from autoprune._diagnose import DiagnosisReport
     from autoprune._search import SearchResult
 
-__all__ = ["plot_search_front"]
+__all__ = ["plot_layer_latency", "plot_search_front"]
 
 
 def plot_search_front(result: SearchResult, path: str | Path | None = None) -> Path:
@@ -87,3 +89,42 @@ def plot_search_front(result: SearchResult, path: str | Path | None = None) -> P
     fig.savefig(buf, format="png")
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_layer_latency(report: DiagnosisReport, path: str | Path) -> Path:
+    """Write a PNG bar chart of each layer's table latency, dense vs pruned, with the layers
+    off the device's fast path marked and the latency at the nearest fast widths below.
+    Returns the path."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise InvalidInputError("plotting needs matplotlib: pip install matplotlib") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = report.layers
+    n = len(df)
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2), 4.5), dpi=110)
+    ax.bar(x - 0.3, df["latency_before_ms"], width=0.3, color="#8c8c8c", label="dense")
+    colors = ["#c44e52" if m else "#4c72b0" for m in df["misaligned"]]
+    ax.bar(x, df["latency_after_ms"], width=0.3, color=colors,
+           label="pruned (red: off the fast path)")
+    ax.bar(x + 0.3, df["latency_down_ms"], width=0.3, color="#55a868",
+           label="at the nearest fast widths below")
+    ax.set_xticks(x)
+    ax.set_xticklabels(df["layer"], rotation=90, fontsize=6)
+    ax.set_ylabel("table latency (ms)")
+    title = f"per-layer latency on {report.device}"
+    if math.isfinite(report.latency_ratio):
+        title += (f": measured dense {report.dense_latency_ms:.3g} ms, "
+                  f"pruned {report.pruned_latency_ms:.3g} ms")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(Path(path), buf.getvalue())

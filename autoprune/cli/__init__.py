@@ -13,7 +13,7 @@ import sys
 from autoprune.errors import AutoPruneError
 
 # subcommand modules, in --help order; a module that does not exist yet is skipped
-_SUBCOMMANDS = ("profile", "bundle", "predict", "search", "run", "export")
+_SUBCOMMANDS = ("profile", "bundle", "predict", "search", "run", "export", "diagnose", "repair")
 
 
 def build_parser() -> argparse.ArgumentParser:
