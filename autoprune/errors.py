@@ -62,14 +62,25 @@ class CorruptFileError(AutoPruneError):
 
 
 class InfeasibleBudgetError(AutoPruneError):
-    """The latency budget is below the fastest plan the search space allows."""
+    """No plan meets the latency budget: either the fastest plan in the search space is
+    predicted above it (``measured=False``), or plans predicted within it all missed it when
+    measured on the device (``measured=True``; ``fastest_ms`` is then the best measured)."""
 
-    def __init__(self, budget_ms: float, fastest_ms: float, detail: str = "") -> None:
-        self.budget_ms, self.fastest_ms = budget_ms, fastest_ms
-        msg = (
-            f"latency budget {budget_ms:.4g} ms is unreachable: the fastest plan in the search "
-            f"space is predicted at {fastest_ms:.4g} ms"
-        )
+    def __init__(self, budget_ms: float, fastest_ms: float, detail: str = "",
+                 measured: bool = False) -> None:
+        self.budget_ms, self.fastest_ms, self.measured = budget_ms, fastest_ms, measured
+        if measured:
+            msg = (
+                f"latency budget {budget_ms:.4g} ms was not met when measured: the fastest "
+                f"re-measured finalist ran {fastest_ms:.4g} ms on the device although plans were "
+                "predicted within it; raise the budget, run more trials, or refit the latency "
+                "predictor with more measured plans (predictor_samples=)"
+            )
+        else:
+            msg = (
+                f"latency budget {budget_ms:.4g} ms is unreachable: the fastest plan in the "
+                f"search space is predicted at {fastest_ms:.4g} ms"
+            )
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)

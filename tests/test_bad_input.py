@@ -263,3 +263,18 @@ def test_cli_reports_bad_input_without_a_traceback(capsys, tmp_path: Path, argv,
     assert err.startswith("autoprune: error:") and match in err
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_infeasible_budget_names_the_real_reason():
+    """Predicted-unreachable and measured-missed budgets are different failures: the message
+    of the second must not call the budget unreachable by prediction (issue 13)."""
+    from autoprune.errors import InfeasibleBudgetError
+
+    pred = InfeasibleBudgetError(0.5, 0.8, "dense 2 ms")
+    assert "unreachable" in str(pred) and "predicted at 0.8 ms" in str(pred)
+    assert not pred.measured
+    meas = InfeasibleBudgetError(0.02425, 0.031, "trial 3 missed", measured=True)
+    text = str(meas)
+    assert meas.measured and "not met when measured" in text and "0.031 ms" in text
+    assert "unreachable" not in text and "predicted at" not in text
+    assert "raise the budget" in text and "trial 3 missed" in text

@@ -409,9 +409,11 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
         say(f"could not draw front.png ({type(e).__name__}: {e})")
     if result.best_plan is None:
         measured = result.finalists.get("measured_latency_ms")
-        fastest = float(measured.min()) if measured is not None and measured.notna().any() \
+        was_measured = measured is not None and bool(measured.notna().any())
+        fastest = float(measured.min()) if was_measured \
             else float(result.trials["predicted_latency_ms"].min())
-        raise InfeasibleBudgetError(search_budget_ms, fastest, "; ".join(result.notes))
+        raise InfeasibleBudgetError(search_budget_ms, fastest, "; ".join(result.notes),
+                                    measured=was_measured)
     return result.best_plan, _predict(predictor, result.best_plan)
 
 
