@@ -153,7 +153,7 @@ def test_reader_never_sees_a_mismatched_pair_while_writers_save(tmp_path: Path) 
 
 _DIE_BETWEEN_FILES = _COMMON + textwrap.dedent("""
     import os, signal, sys
-    import autoprune.io
+    import autoprune.latency._table as table_module
     d = sys.argv[1]
     t = LatencyTable(DEV)
     for j in range(3):
@@ -162,7 +162,7 @@ _DIE_BETWEEN_FILES = _COMMON + textwrap.dedent("""
     t.add(spec(0, 3), "none", 1.0, sample(0, 3))
     def die(*a, **k):  # the CSV is in place, its sidecar not yet
         os.kill(os.getpid(), signal.SIGKILL)
-    autoprune.io.atomic_write_json = die
+    table_module.atomic_write_json = die  # where the table module looks it up
     t.save(d)
 """)
 
