@@ -12,14 +12,14 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from autoprune._analyze._adapters import ADAPTERS
 from autoprune.errors import InvalidInputError, UnsupportedLayerError
-from autoprune.importance import Importance, get_importance
+from autoprune.importance import get_importance
 from autoprune.masks import bake
 from autoprune.plan import GroupPlan, PruningPlan
 from autoprune.types import ModelSpec, Structure
@@ -244,15 +244,23 @@ def _removal_idxs(scores: torch.Tensor, units: int, unit_size: int, n_remove: in
     return sorted(p * units + j for p in range(unit_size) for j in drop)
 
 
+class ChannelScorer(Protocol):
+    """What ``prune_channels`` needs of a criterion: one score per root channel of a
+    torch-pruning group (higher = keep). Every ``autoprune.importance.Importance`` is one."""
+
+    def channel_scores(self, group: Any) -> torch.Tensor: ...
+
+
 def prune_channels(
     model: nn.Module,
     graphs: Graphs,
     spec: ModelSpec,
     kept: dict[str, int],
-    importance: Importance,
+    importance: ChannelScorer,
 ) -> None:
     """Remove channels group by group down to ``kept`` units (torch-pruning keeps the graph
-    consistent); the executor and the dry-run check share it."""
+    consistent); the executor, the dry-run check and repair share it. Only channel scores are
+    read: any ``Importance`` fits, or an object that picks channels some other way."""
     for name, k in kept.items():
         g = spec.groups[name]
         if k >= g.units:

@@ -20,15 +20,12 @@ from torch import nn
 from autoprune._analyze._adapters import ADAPTERS
 from autoprune._analyze._tpglue import build_graphs, prune_channels
 from autoprune._diagnose._match import effective_weight
-from autoprune.importance import Importance
 from autoprune.types import ModelSpec
 
 
-class _KeepIndices(Importance):
+class _KeepIndices:
     """Scores 1 for the root channels to keep, 0 for the others (``prune_channels`` removes
-    the lowest): prunes a group to exactly ``keep``."""
-
-    name = "keep-indices"
+    the lowest): prunes a group to exactly ``keep`` (a ``ChannelScorer``)."""
 
     def __init__(self, units: int, keep: list[int]) -> None:
         self.scores = torch.zeros(units)
@@ -36,10 +33,6 @@ class _KeepIndices(Importance):
 
     def channel_scores(self, group: Any) -> torch.Tensor:
         return self.scores.clone()
-
-    def weight_scores(self, weight: torch.Tensor, grad: torch.Tensor | None,
-                      gamma: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError("_KeepIndices only selects channels")  # never called
 
 
 def prune_to_indices(model: nn.Module, spec: ModelSpec, inputs: tuple[torch.Tensor, ...],
