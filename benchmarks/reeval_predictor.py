@@ -1,0 +1,74 @@
+"""Re-evaluate ``LatencyPredictor`` variants on a finished ``bench_predictor.py`` run, offline.
+
+No timing: each model's stored measured plans (``tables/<device>/predictor_*.csv``) are refitted
+with every regressor asked for, and scored on the run's stored evaluation plans (regenerated from
+the same seed; their measured latencies are in ``results.json``). Also prints, per plan kind, the
+median of measured / table sum over the training plans and over the evaluation plans: when the
+two disagree the table, not the regressor, is what misses.
+
+    python benchmarks/reeval_predictor.py runs/bench_predictor_224 --regressors linear,boosted,auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predictor import _eval_plans, _model  # noqa: E402
+
+KINDS = ("space", "uniform_aligned", "uniform_unaligned")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="the --out directory of a bench_predictor.py run")
+    p.add_argument("--regressors", default="linear,boosted,auto")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import pandas as pd
+
+    from autoprune._analyze import analyze
+    from autoprune.latency import LatencyPredictor, LatencyTable, accuracy_metrics
+
+    run = Path(args.run)
+    res = json.loads((run / "results.json").read_text())
+    tabdir = next((run / "tables").glob("onnxruntime*"))
+    table = LatencyTable.load(tabdir)
+    for r in res["results"]:
+        model, x = _model(r["model"], res["args"]["size"])
+        spec = analyze(model, x)
+        csv = next(tabdir.glob(f"predictor_{spec.model_name}_*.csv"))
+        plans = _eval_plans(spec, int(r["alignment"]), res["args"]["n_space"], res["args"]["seed"])
+        meas = np.array([q["measured_ms"] for q in r["plans"]])
+        kinds = np.array([q["kind"] for q in r["plans"]])
+        for reg in args.regressors.split(","):
+            pred = LatencyPredictor(regressor=reg, random_state=res["args"]["seed"]).fit(
+                table=table, spec=spec, dataset=csv, data_path=None)
+            y = pred.predict_many([q for _, q in plans])
+            cells = []
+            for kind in (*KINDS, None):
+                sel = kinds == kind if kind else np.ones(len(kinds), bool)
+                m = accuracy_metrics(meas[sel], y[sel])
+                cells.append(f"{kind or 'all'} {100 * m['within_5pct']:.0f}/"
+                             f"{100 * m['within_10pct']:.0f}%")
+            print(f"{r['model']:16s} {reg:8s} (chose {pred.regressor_}): " + ", ".join(cells),
+                  flush=True)
+        train = pd.read_csv(csv)
+        tsum = np.array([q["table_sum_ms"] for q in r["plans"]])
+        for kind in KINDS:
+            t = train[train["kind"] == kind]
+            fit_ratio = float(np.median(t["latency_ms"] / t["table_ms"])) if len(t) else float("nan")
+            ev_ratio = float(np.median(meas[kinds == kind] / tsum[kinds == kind]))
+            print(f"{r['model']:16s} {kind:18s} measured / table sum: fit plans {fit_ratio:.2f} "
+                  f"(n={len(t)}), evaluation plans {ev_ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
