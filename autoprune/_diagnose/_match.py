@@ -65,7 +65,7 @@ def effective_weight(module: nn.Module, suffix: str) -> torch.Tensor | None:
         return None
     try:
         pname, param = adapter.mask_param(module, suffix)
-    except (AttributeError, KeyError, ValueError, NotImplementedError):
+    except (AttributeError, KeyError, ValueError):  # no weights under that sublayer
         return None
     owner_path, _, base = pname.rpartition(".")
     owner = module.get_submodule(owner_path) if owner_path else module
