@@ -42,6 +42,43 @@ def test_noisy_call_runs_to_max_runs():
     assert s.spread > 0.01
 
 
+def test_precise_median_stops_a_noisy_call_before_max_runs():
+    # IQR 10% of the median never meets target_rel_iqr=1%, but after ~90 runs the median's
+    # estimated standard error is below 1%: the precision rule stops it there
+    noisy = itertools.cycle([0.95, 1.0, 1.05, 0.97, 1.03])
+    base = dict(warmup_runs=0, min_runs=10, max_runs=1000, target_rel_iqr=0.01,
+                time_cap_s=30.0, settle_ms=0.0, burst_runs=1)
+    s = measure(lambda: next(noisy), ProtocolSettings(**base, target_rel_se=0.01))
+    assert 20 <= s.n_runs <= 60
+    assert core.median_rel_se([next(noisy) for _ in range(s.n_runs)]) <= 0.012
+    off = measure(lambda: next(noisy), ProtocolSettings(**base, target_rel_se=0.0))
+    assert off.n_runs == 1000
+
+
+def test_median_rel_se():
+    assert core.median_rel_se([]) == float("inf")
+    assert core.median_rel_se([2.0] * 9) == 0.0
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]  # median 3, IQR 2
+    assert core.median_rel_se(xs) == pytest.approx(1.2533 * (2 / 1.349) / 5 ** 0.5 / 3)
+    with pytest.raises(InvalidInputError, match="target_rel_se"):
+        ProtocolSettings(target_rel_se=-0.1)
+
+
+def test_warm_up_is_bounded_by_a_fifth_of_the_time_cap():
+    calls = []
+
+    def slow() -> float:
+        calls.append(1)
+        time.sleep(0.01)
+        return 10.0
+
+    settings = ProtocolSettings(warmup_runs=1000, min_runs=1, max_runs=1, target_rel_iqr=1.0,
+                                time_cap_s=0.1, settle_ms=0.0, burst_runs=1)
+    measure(slow, settings)
+    # 0.02 s of warm-up at 10 ms a call, then one timed run
+    assert 2 <= len(calls) <= 5
+
+
 def test_time_cap_stops_noisy_call_but_not_before_min_runs():
     noisy = itertools.cycle([1.0, 3.0])
 

@@ -53,11 +53,13 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
     assert rep.budget_met is True
     assert v.ratio <= 0.6
     assert rep.budget_ms == pytest.approx(0.6 * v.reference.median_ms)
+    assert rep.budget_used == pytest.approx(v.ratio / 0.6) and 0 < rep.budget_used <= 1
     assert rep.accuracy_dense is not None and rep.accuracy_dense > 0.5
     assert rep.accuracy_pruned is not None and 0.0 <= rep.accuracy_pruned <= 1.0
     assert rep.macs_pruned < rep.macs_dense and rep.predicted_ms is not None
     text = (tmp_path / "run" / "report.txt").read_text()
     assert "paired ratio" in text and "accuracy pruned" in text and "MET" in text
+    assert f"{rep.budget_used:.0%} of the budget used" in text
     for name in ("state.json", "spec.json", "plan.json", "pruned.pt", "predictor.csv",
                  "trials.csv", "finalists.csv", "verify.json", "model.onnx", "report.json",
                  "front.png"):
@@ -70,6 +72,7 @@ def test_pipeline_meets_measured_budget_and_resumes(trained, tmp_path, tmp_table
     assert [p.name for p in (tmp_path / "run" / "finetune").iterdir()] == [plan_id]
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["budget_met"] is True and saved["accuracy_pruned"] == rep.accuracy_pruned
+    assert saved["budget_used"] == pytest.approx(rep.budget_used)
 
     # rebuild = apply_plan(fresh model, plan) + load_state_dict: same outputs
     fresh = _cnn()
@@ -124,6 +127,7 @@ def test_pipeline_with_given_plan_skips_search(trained, tmp_path):
     assert rep.steps["search"] == "skipped (plan given)"
     assert rep.steps["finetune"].startswith("skipped")
     assert rep.budget_met is True and rep.verify is not None and rep.verify.ratio < 1.0
+    assert rep.budget_used == pytest.approx(rep.verify.latency_ms / 1e3)
     assert rep.plan.to_dict() == plan.to_dict()
 
 
@@ -167,8 +171,15 @@ def test_anchor_budget_is_the_widest_uniform_plan_that_measures_within_the_fract
     predictor = SimpleNamespace(predict=s["predict_ms"])
     a = anchor_budget_ms(s["model"], s["x"], s["spec"], s["table"], s["backend"], predictor,
                          0.5, iters=6)
-    assert a is not None and a.measured_ratio <= 0.5
-    assert a.budget_ms == pytest.approx(s["predict_ms"](a.plan))
+    assert a is not None and a.measured_ratio <= 0.5 < a.over_ratio
+    assert a.plan_ms == pytest.approx(s["predict_ms"](a.plan))
+    # the budget is interpolated at the fraction between the fitting plan and the narrowest
+    # one measured over it: above the fitting plan's prediction, as far as the ratios say
+    assert a.plan_ms < a.budget_ms
+    share = (0.5 - a.measured_ratio) / (a.over_ratio - a.measured_ratio)
+    assert a.over_plan is not None and 0 < share < 1
+    over_ms = s["predict_ms"](a.over_plan)
+    assert a.budget_ms == pytest.approx(a.plan_ms + share * (over_ms - a.plan_ms))
     assert 0 < a.keep_ratio < 1 and a.budget_ms < s["dense_ms"]
     ratios = {round(gp.keep_ratio, 2) for gp in a.plan.groups.values()}
     assert len(ratios) <= 2  # one keep ratio for all groups, up to width-grid rounding

@@ -42,6 +42,18 @@ class PipelineReport:
         return None if self.verify is None else self.verify.budget_met
 
     @property
+    def budget_used(self) -> float | None:
+        """Share of the budget the chosen model uses when measured: its paired ratio over the
+        fraction, or its measured ms over the budget in ms (None when not verified). Close
+        under 1 is the aim: a model far under its budget left accuracy unused."""
+        v = self.verify
+        if v is None:
+            return None
+        if self.budget_fraction is not None and v.ratio is not None:
+            return float(v.ratio) / self.budget_fraction
+        return float(v.latency_ms) / self.budget_ms if self.budget_ms > 0 else None
+
+    @property
     def mac_reduction(self) -> float:
         return self.macs_dense / max(1, self.macs_pruned)
 
@@ -55,6 +67,7 @@ class PipelineReport:
             "budget_ms": self.budget_ms,
             "budget_fraction": self.budget_fraction,
             "budget_met": self.budget_met,
+            "budget_used": self.budget_used,
             "predicted_ms": self.predicted_ms,
             "predicted_band_ms": None if self.predicted_band_ms is None
             else list(self.predicted_band_ms),
@@ -98,8 +111,10 @@ class PipelineReport:
                 f", band {self.predicted_band_ms[0]:.4g}-{self.predicted_band_ms[1]:.4g}")
             lines += v.prediction_lines(band=band, width=17)
             verdict = {True: "MET", False: "NOT MET", None: "n/a"}[v.budget_met]
+            used = self.budget_used
             lines.append(f"budget            {verdict} ({v.latency_ms:.4g} ms vs "
-                         f"{self.budget_ms:.4g} ms)")
+                         f"{self.budget_ms:.4g} ms"
+                         + ("" if used is None else f"; {used:.0%} of the budget used") + ")")
         lines += [
             f"accuracy dense    {pct(self.accuracy_dense)}",
             f"accuracy pruned   {pct(self.accuracy_pruned)} after fine-tuning "
