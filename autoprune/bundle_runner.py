@@ -313,7 +313,7 @@ def median_rel_se(times_ms: Sequence[float]) -> float:
     med, iqr, n, _ = summarize(times_ms)
     if not n or med <= 0:
         return float("inf")
-    return 1.2533 * (iqr / 1.349) / (n ** 0.5) / med
+    return float(1.2533 * (iqr / 1.349) / (n ** 0.5) / med)
 
 
 def _warm_up(call: Callable[[], object], runs: int, budget_s: float) -> None:
