@@ -1,26 +1,34 @@
 """End-to-end benchmark: accuracy at equal measured latency, autoprune vs two peers.
 
-For each model (trained here: resnet18 and mobilenet_v2 on sklearn digits, a 1-D CNN on
-MNIST-1D) and each budget (a share of the dense model's latency measured on ONNX Runtime CPU,
-1 thread), three methods are brought to the budget and fine-tuned with the same recipe
+For each model (trained here: resnet18 and mobilenet_v2 on ``--data`` — sklearn ``digits``
+or autoprune's 64-class ``glyphs`` task, which is not saturated — and a 1-D CNN on MNIST-1D)
+and each budget (a share of the dense model's latency measured on ONNX Runtime CPU, 1 thread),
+the methods are brought to the budget and fine-tuned with the same recipe
 (``autoprune.finetune``, dense model as teacher, same epochs/lr/seed):
 
 - ``autoprune``: ``autoprune.search`` with the budget (predictor + table), accuracy proxy on a
   held-out split of the training data (never the test set) after BatchNorm re-calibration;
 - ``autoprune_ftproxy``: the same, but the proxy first fine-tunes each candidate for
   ``--proxy-finetune-steps`` SGD steps (a proxy that still carries signal at hard budgets);
+- ``autoprune_greedy`` / ``autoprune_random``: the same search with the ``greedy`` (knapsack on
+  per-layer sensitivity) or ``random`` strategy and the same trial count;
 - ``uniform16``: the same keep ratio on every channel group, widths rounded to 16, the largest
   ratio whose measured latency fits the budget (bisection on measured latency);
+- ``uniform_aligned``: the same, widths rounded to the device's alignment (kernel rules);
 - ``tp_global``: Torch-Pruning's global magnitude pruning (L2, ``global_pruning=True``), the
-  smallest pruning ratio whose measured latency fits the budget (bisection).
+  smallest pruning ratio whose measured latency fits the budget (bisection);
+- ``tp_global_rounded``: the same with Torch-Pruning's ``round_to`` set to the device alignment.
 
 Every latency is a paired ratio against the dense model (timed alternately, median of the
 per-pair ratios, IQR beside it); ``latency_ms = ratio x dense median``. Accuracy is top-1 on the
-test split (digits: 360 images, one image = 0.28 points; MNIST-1D: 1,000 sequences).
+test split (digits: 360 images, one image = 0.28 points; glyphs: 2,000 images, 0.05 points;
+MNIST-1D: 1,000 sequences).
 
     python benchmarks/bench_end_to_end.py --models resnet18,mobilenet_v2,conv1d \\
         --budgets 0.7,0.5,0.35,0.2 --epochs 3 --seeds 0 --out runs/bench_e2e/results.csv
     python benchmarks/bench_end_to_end.py --budgets 0.2 --epochs 1 --seeds 0,1,2   # hard regime
+    python benchmarks/bench_end_to_end.py --data glyphs --size 64 --models resnet18 \
+        --budgets 0.5,0.35,0.2 --epochs 1 --seeds 0,1,2 --out runs/bench_e2e_glyphs/results.csv
 
 Rows are appended to the CSV as they finish (a rerun skips rows already there).
 """
@@ -42,16 +50,26 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 MODELS = ("resnet18", "mobilenet_v2", "conv1d")
-METHODS = ("autoprune", "autoprune_ftproxy", "uniform16", "tp_global")
+METHODS = ("autoprune", "autoprune_ftproxy", "autoprune_greedy", "autoprune_random",
+           "uniform16", "uniform_aligned", "tp_global", "tp_global_rounded")
+#: the search strategy of each autoprune method
+STRATEGY = {"autoprune": "tpe", "autoprune_ftproxy": "tpe", "autoprune_greedy": "greedy",
+            "autoprune_random": "random"}
+#: classes of each image task
+N_CLASSES = {"digits": 10, "glyphs": 64}
 
 
 # --- data and dense models -------------------------------------------------------------------
-def loaders(model_name: str, seed: int, size: int) -> tuple[DataLoader, DataLoader, DataLoader]:
+def loaders(model_name: str, seed: int, size: int, data: str = "digits"
+            ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """(train, search-holdout, test): the holdout is 20% of the training split."""
-    from autoprune.data import digits_tensors, mnist1d_tensors
+    from autoprune.data import digits_tensors, glyphs_tensors, mnist1d_tensors
 
     if model_name == "conv1d":
         train, test = mnist1d_tensors(seed=0)
+    elif data == "glyphs":
+        train, test = glyphs_tensors(size=size, channels=3, n_classes=N_CLASSES["glyphs"],
+                                     seed=0)
     else:
         train, test = digits_tensors(size=size, channels=3, seed=0)
     n = len(train)
@@ -64,30 +82,32 @@ def loaders(model_name: str, seed: int, size: int) -> tuple[DataLoader, DataLoad
             DataLoader(test, batch_size=256))
 
 
-def make_model(name: str) -> nn.Module:
+def make_model(name: str, data: str = "digits") -> nn.Module:
     from autoprune.zoo import conv1d_net, torchvision_model
 
     if name == "conv1d":
         return conv1d_net(num_classes=10, width=64)
-    return torchvision_model(name, num_classes=10)
+    return torchvision_model(name, num_classes=N_CLASSES[data])
 
 
 def example_input(name: str, size: int) -> torch.Tensor:
     return torch.randn(1, 1, 40) if name == "conv1d" else torch.randn(1, 3, size, size)
 
 
-def dense_model(name: str, size: int, work: Path, epochs: int, device: str = "cpu") -> nn.Module:
+def dense_model(name: str, size: int, work: Path, epochs: int, device: str = "cpu",
+                data: str = "digits") -> nn.Module:
     """Train (once; cached in ``work``) the dense model with seed 0."""
     from autoprune._finetune import finetune
     from autoprune.io import atomic_torch_save, safe_torch_load
 
-    path = work / f"dense_{name}_{size}.pt"
+    tag = "" if data == "digits" or name == "conv1d" else f"_{data}"
+    path = work / f"dense_{name}_{size}{tag}.pt"
     torch.manual_seed(0)
-    model = make_model(name)
+    model = make_model(name, data)
     if path.exists():
         model.load_state_dict(safe_torch_load(path))
         return model.eval()
-    train, _, _ = loaders(name, 0, size)
+    train, _, _ = loaders(name, 0, size, data)
     finetune(model, train, epochs=epochs, lr=0.05, seed=0, progress=False, device=device)
     model.cpu()
     atomic_torch_save(model.state_dict(), path)
@@ -133,7 +153,17 @@ def uniform16(model: nn.Module, x: torch.Tensor, spec: Any, keep: float) -> nn.M
     return apply_plan(model, plan, (x,))
 
 
-def tp_global(model: nn.Module, x: torch.Tensor, keep: float) -> nn.Module:
+def uniform_aligned(model: nn.Module, x: torch.Tensor, spec: Any, keep: float,
+                    alignment: int) -> nn.Module:
+    from autoprune.executor import apply_plan
+    from autoprune.plan import PruningPlan
+
+    plan = PruningPlan.uniform(spec, keep_ratio=keep, structure="channel", alignment=alignment)
+    return apply_plan(model, plan, (x,))
+
+
+def tp_global(model: nn.Module, x: torch.Tensor, keep: float, round_to: int | None = None
+              ) -> nn.Module:
     import torch_pruning as tp
 
     m = copy.deepcopy(model).eval()
@@ -141,6 +171,7 @@ def tp_global(model: nn.Module, x: torch.Tensor, keep: float) -> nn.Module:
     pruner = tp.pruner.MagnitudePruner(
         m, x, importance=tp.importance.MagnitudeImportance(p=2), global_pruning=True,
         pruning_ratio=1.0 - keep, ignored_layers=[last], max_pruning_ratio=0.95,
+        round_to=round_to,
     )
     pruner.step()
     return m.eval()
@@ -159,7 +190,8 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
                     cache: dict[str, Any], work: Path, name: str, spec: Any,
                     predictor_samples: int, proxy_steps: int = 0,
                     tag: str = "autoprune", tables_root: Path | None = None,
-                    train_device: str = "cpu") -> tuple[nn.Module, Any, str]:
+                    train_device: str = "cpu", strategy: str = "tpe"
+                    ) -> tuple[nn.Module, Any, str]:
     """The pipeline's ``budget_fraction`` mode: search at the anchored budget (predicted latency
     of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
     take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
@@ -227,7 +259,8 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
                                 evaluator=accuracy_evaluator(hold, calib_loader=train,
                                                              finetune_steps=proxy_steps,
                                                              device=train_device),
-                                n_trials=n_trials, table=cache["table"], predictor=predictor,
+                                n_trials=n_trials, strategy=strategy,
+                                table=cache["table"], predictor=predictor,
                                 run_dir=run_dir / f"space{len(space_options)}_{i}", seed=seed,
                                 progress=False, spec=spec, verify_finalists=False,
                                 space_options=space_options)
@@ -282,18 +315,22 @@ def run(args: argparse.Namespace) -> None:
     methods = args.methods.split(",")
     for name in args.models.split(","):
         x = example_input(name, args.size)
-        dense = dense_model(name, args.size, work, args.dense_epochs, args.train_device)
-        _, _, test = loaders(name, 0, args.size)
+        dense = dense_model(name, args.size, work, args.dense_epochs, args.train_device,
+                            args.data)
+        _, _, test = loaders(name, 0, args.size, args.data)
         acc_dense = evaluate_accuracy(dense, test)
         dense_sample = backend.measure_model(dense, (x,))
         spec = analyze(dense, (x,))
         macs_dense = macs_of(dense, x)
+        from autoprune.latency import cached_kernel_rules
+
+        align = int(cached_kernel_rules(backend).alignment)  # the device's, for every model
         print(f"== {name}: dense {dense_sample}, accuracy {100 * acc_dense:.2f}%", flush=True)
         cache: dict[str, Any] = {}
         for frac in budgets:
             budget_ms = frac * dense_sample.median_ms
             for seed in seeds:
-                train, hold, test = loaders(name, seed, args.size)
+                train, hold, test = loaders(name, seed, args.size, args.data)
                 for method in methods:
                     key = (name, round(frac, 3), method, seed, args.epochs)
                     if key in done:
@@ -301,22 +338,27 @@ def run(args: argparse.Namespace) -> None:
                     t0 = time.perf_counter()
                     torch.manual_seed(seed)
                     plan_note = ""
-                    if method in ("autoprune", "autoprune_ftproxy"):
+                    if method in STRATEGY:
                         steps = args.proxy_finetune_steps if method == "autoprune_ftproxy" else 0
                         pruned, plan, note = autoprune_model(
                             dense, x, backend, frac, hold, train, args.n_trials, seed, cache,
                             work, name, spec, args.predictor_samples, steps, method,
                             Path(args.tables_root) if args.tables_root else None,
-                            args.train_device)
+                            args.train_device, STRATEGY[method])
                         ratio, iqr = paired(backend, pruned, dense, x)
                         plan_note = (note + " " if note else "") + plan.to_json(indent=None)
                     elif method == "uniform16":
                         _, pruned, ratio, iqr = bisect_to_budget(
                             lambda k: uniform16(dense, x, spec, k), backend, dense, x, frac,
                             0.05, 1.0, args.bisect_iters)
-                    elif method == "tp_global":
+                    elif method == "uniform_aligned":
                         _, pruned, ratio, iqr = bisect_to_budget(
-                            lambda k: tp_global(dense, x, k), backend, dense, x, frac,
+                            lambda k: uniform_aligned(dense, x, spec, k, align), backend, dense,
+                            x, frac, 0.05, 1.0, args.bisect_iters)
+                    elif method in ("tp_global", "tp_global_rounded"):
+                        rt = align if method == "tp_global_rounded" else None
+                        _, pruned, ratio, iqr = bisect_to_budget(
+                            lambda k: tp_global(dense, x, k, rt), backend, dense, x, frac,
                             0.05, 1.0, args.bisect_iters)
                     else:
                         raise SystemExit(f"unknown method {method!r}; known: {METHODS}")
@@ -339,7 +381,8 @@ def run(args: argparse.Namespace) -> None:
                         "latency_ms": ratio2 * dense_sample.median_ms, "budget_ms": budget_ms,
                         "meets_budget": bool(ratio2 <= frac), "prune_s": round(t_prune, 1),
                         "total_s": round(time.perf_counter() - t0, 1), "plan": plan_note,
-                        "cpu": backend.device_info().device_name,
+                        "cpu": backend.device_info().device_name, "data": args.data,
+                        "alignment": align,
                     }
                     print(f"  {name} {frac:.2f} {method:9s} seed {seed}: acc {100 * acc:.2f}% "
                           f"(before ft {100 * acc_before:.1f}%), ratio {ratio2:.3f}±{iqr2:.3f}, "
@@ -400,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (same for all)")
     p.add_argument("--dense-epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--size", type=int, default=32, help="digits image size")
+    p.add_argument("--size", type=int, default=32, help="image size (digits, glyphs)")
+    p.add_argument("--data", choices=sorted(N_CLASSES), default="digits",
+                   help="image task of the torchvision models")
     p.add_argument("--n-trials", type=int, default=40)
     p.add_argument("--bisect-iters", type=int, default=6)
     p.add_argument("--predictor-samples", type=int, default=40)
