@@ -141,6 +141,17 @@ def test_pipeline_argument_checks(tmp_path):
         run_pipeline(_cnn(), x, budget_fraction=1.5, run_dir=tmp_path, finetune_epochs=0)
     with pytest.raises(InvalidInputError, match="train_loader"):
         run_pipeline(_cnn(), x, latency_budget_ms=1.0, run_dir=tmp_path)
+    from autoprune.pipeline import SearchConfig
+
+    # the refined proxy fine-tunes and scores: without loaders it is refused before any work
+    with pytest.raises(InvalidInputError, match="refine_top_k needs train_loader and val_loader"):
+        run_pipeline(_cnn(), x, latency_budget_ms=1.0, run_dir=tmp_path / "r", finetune_epochs=0,
+                     search_config=SearchConfig(refine_top_k=4))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(InvalidInputError, match="refine_top_k"):
+        SearchConfig(refine_top_k=-1)
+    with pytest.raises(InvalidInputError, match="refine_finetune_steps"):
+        SearchConfig(refine_finetune_steps=0)
 
 
 def test_cli_helpers():

@@ -375,3 +375,75 @@ def test_candidate_order_and_choice_rule():
     with pytest.raises(InvalidInputError, match="proxy_tolerance"):
         candidate_order(trials, proxy_tolerance=-1)
     assert Finalists(pd.DataFrame({"trial": [3], "chosen": [True]}), None).chosen_trial == 3
+
+
+def test_refined_trials_come_first_and_are_chosen():
+    """candidate_order puts trials with a refined proxy first, ordered by it; the refined
+    proxy is what finalists report and what picks the chosen plan."""
+    from autoprune._search import REFINED_COLUMN, candidate_order
+
+    trials = pd.DataFrame({
+        "trial": [0, 1, 2, 3],
+        "proxy": [0.90, 0.80, 0.70, 0.95],
+        "predicted_latency_ms": [0.5, 0.6, 0.4, 0.3],
+        "feasible": [True] * 4,
+        "state": ["COMPLETE"] * 4,
+        "plan_json": ["a", "b", "c", "d"],
+        REFINED_COLUMN: [0.40, 0.60, np.nan, np.nan],
+    })
+    order = candidate_order(trials)
+    # refined trials first by the refined proxy (1 beats 0 although its cheap proxy is lower),
+    # then the unrefined ones by the usual rule (3 has the best cheap proxy)
+    assert order["trial"].tolist()[:2] == [1, 0]
+    assert order["role"].tolist()[:2] == ["refined", "refined"]
+    assert order["trial"].tolist()[2] == 3 and order["role"].tolist()[2] == "best"
+    # without any refined value the column changes nothing
+    plain = candidate_order(trials.assign(**{REFINED_COLUMN: np.nan}))
+    assert plain["trial"].tolist() == candidate_order(trials.drop(columns=REFINED_COLUMN))[
+        "trial"].tolist()
+
+
+def test_refine_proxies_scores_the_best_distinct_feasible_plans(syn):
+    from autoprune._search import REFINED_COLUMN, refine_proxies
+
+    s = syn
+    result = _syn_search(s, verify_finalists=False)
+    seen = []
+
+    def costly(model) -> float:
+        seen.append(sum(p.numel() for p in model.parameters()))
+        return float(len(seen))  # a distinct score per call, in call order
+
+    out = refine_proxies(result.trials, s["model"], s["x"], s["spec"], costly, top_k=3)
+    refined = out[out[REFINED_COLUMN].notna()]
+    ok = result.trials[result.trials["feasible"].astype(bool) & result.trials["proxy"].notna()]
+    best = ok.sort_values(["proxy", "predicted_latency_ms"], ascending=[False, False],
+                          kind="stable").drop_duplicates("plan_json").head(3)["plan_json"]
+    assert set(refined["plan_json"]) == set(best) and len(seen) == min(3, len(best))
+    assert len(out) == len(result.trials) and REFINED_COLUMN not in result.trials
+    with pytest.raises(InvalidInputError, match="refine_top_k"):
+        refine_proxies(result.trials, s["model"], s["x"], s["spec"], costly, top_k=0)
+    with pytest.raises(InvalidInputError, match="finite"):
+        refine_proxies(result.trials, s["model"], s["x"], s["spec"], lambda m: float("nan"))
+
+
+def test_search_with_a_refine_evaluator_chooses_a_refined_plan(syn):
+    s = syn
+    from autoprune.budget import Budget
+
+    calls = []
+
+    def costly(model) -> float:
+        calls.append(1)
+        return -sum(p.numel() for p in model.parameters())  # prefers the smallest plan
+
+    result = _syn_search(s, refine_evaluator=costly, refine_top_k=4,
+                         finalist_budget=Budget.of(latency_budget_ms=1.0))
+    fin = result.finalists
+    assert 1 <= len(calls) <= 4
+    assert fin["role"].iloc[0] == "refined" and result.best_plan is not None
+    chosen = fin[fin["chosen"].astype(bool)]
+    assert chosen["role"].iloc[0] == "refined"
+    # the chosen plan has the best refined proxy among the refined finalists that met the budget
+    ok = fin[(fin["role"] == "refined") & fin["meets_budget"].astype(bool)]
+    assert chosen["proxy"].iloc[0] == ok["proxy"].max()

@@ -4,6 +4,8 @@
   trials, each with its plan JSON), and :func:`trials_frame`;
 - ``_finalists``: :func:`select_finalists`, the one way a plan is chosen by measuring (used by
   ``search`` and ``run_pipeline``), and :func:`candidate_order`, its documented order;
+- ``_refine``: :func:`refine_proxies`, a costlier second proxy for the best trials (two
+  fidelities; ``search(refine_evaluator=...)``);
 - ``_result``: :class:`SearchResult`, :func:`pareto_front`, :func:`knee_index`;
 - ``_facade``: :func:`search` (analyze -> profile -> fit -> optimize -> select_finalists).
 
@@ -26,6 +28,7 @@ from autoprune._search._optimize import (
     optimize,
     trials_frame,
 )
+from autoprune._search._refine import REFINED_COLUMN, refine_proxies
 from autoprune._search._result import (
     INTERVAL_COLUMNS,
     PLAN_COLUMN,
@@ -43,6 +46,7 @@ __all__ = [
     "FINALIST_COLUMNS",
     "INTERVAL_COLUMNS",
     "PLAN_COLUMN",
+    "REFINED_COLUMN",
     "RESULT_SCHEMA_VERSION",
     "TRIAL_COLUMNS",
     "CachedProxy",
@@ -55,6 +59,7 @@ __all__ = [
     "latency_fn",
     "optimize",
     "pareto_front",
+    "refine_proxies",
     "run_stem",
     "search",
     "select_finalists",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import autoprune._search._finalists as _fin
 from autoprune._search._optimize import CachedProxy, latency_fn, optimize
+from autoprune._search._refine import refine_proxies
 from autoprune._search._result import SearchResult
 from autoprune.budget import Budget
 from autoprune.errors import InfeasibleBudgetError, InvalidInputError, TableMismatchError
@@ -102,6 +103,8 @@ def search(
     space_options: dict[str, Any] | None = None,
     finalist_budget: Budget | None = None,
     proxy_tolerance: float = 0.0,
+    refine_evaluator: Callable[[nn.Module], float] | None = None,
+    refine_top_k: int = 8,
 ) -> SearchResult:
     """Search per-group pruning plans for ``model`` under ``latency_budget_ms`` on ``device``.
 
@@ -127,6 +130,10 @@ def search(
     measured finalists must meet, by default ``latency_budget_ms``; ``run_pipeline`` passes a
     fraction of dense (checked on paired ratios; ``measured_latency_ms`` is then the ratio x
     the predicted dense latency, the predictor's scale).
+
+    ``refine_evaluator``: a costlier proxy (e.g. ``accuracy_evaluator(val, calib_loader=train,
+    finetune_steps=50)``) for the ``refine_top_k`` best distinct feasible plans of the study
+    (``refine_proxies``; column ``proxy_refined``); finalists are then taken from those first.
     """
     search_budget = check_budget(latency_budget_ms)
     budget = float(search_budget.ms)  # type: ignore[arg-type]
@@ -233,6 +240,9 @@ def search(
     trials = optimize(problem, strat, n_trials, latency_model=as_latency_model(predictor),
                       timeout_s=timeout_s, progress=progress,
                       assume_single_worker=storage is None)
+    if refine_evaluator is not None:
+        trials = refine_proxies(trials, model, example_inputs, spec, refine_evaluator,
+                                top_k=refine_top_k, progress=progress)
     result = SearchResult(trials=trials, best_plan=None, dense_latency_ms=float("nan"),
                           budget_ms=budget, dense_predicted_ms=dense_pred,
                           dense_proxy=proxy.dense(), strategy=strat.name, study_name=study_name,

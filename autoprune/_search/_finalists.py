@@ -11,6 +11,10 @@ have a proxy, one per distinct plan (``plan_json``), in :func:`candidate_order`:
    best ones measure slower than predicted);
 3. the rest by proxy, faster first on ties.
 
+Trials re-scored by a costlier proxy (``refine_proxies``: column ``proxy_refined``) come before
+all of these, ordered by that proxy the same way (role ``refined``); the chosen plan is then a
+refined one whenever a refined finalist meets the budget.
+
 The first ``n_finalists`` candidates are applied and timed against the dense model (paired,
 alternating runs: ``Backend.measure_ratio``). While none has met the budget, further candidates
 are measured, up to ``max_remeasure`` in all. A candidate meets the budget when its measurement
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from autoprune._search._refine import REFINED_COLUMN
 from autoprune._search._result import PLAN_COLUMN, knee_index, pareto_front
 from autoprune.budget import Budget
 from autoprune.errors import InvalidInputError
@@ -89,6 +94,21 @@ def candidate_order(trials: pd.DataFrame, proxy_tolerance: float = 0.0) -> pd.Da
     cands = trials[ok]
     if cands.empty:
         return cands.assign(role=pd.Series(dtype=str))
+    if REFINED_COLUMN in cands and cands[REFINED_COLUMN].notna().any():
+        # refined trials first, by the costlier proxy (ties: the larger plan first); then the
+        # others by the rule below
+        ref = cands[cands[REFINED_COLUMN].notna()]
+        best = ref[REFINED_COLUMN] >= ref[REFINED_COLUMN].max() - tol
+        parts = [ref[best].sort_values(["predicted_latency_ms", REFINED_COLUMN],
+                                       ascending=[False, False], kind="stable"),
+                 ref[~best].sort_values([REFINED_COLUMN, "predicted_latency_ms"],
+                                        ascending=[False, True], kind="stable")]
+        rest = candidate_order(cands[cands[REFINED_COLUMN].isna()].drop(columns=REFINED_COLUMN),
+                               tol)
+        order = pd.concat([pd.concat(parts).assign(role="refined"), rest])
+        if PLAN_COLUMN in order:
+            order = order.drop_duplicates(subset=[PLAN_COLUMN], keep="first")
+        return order
     top = cands["proxy"] >= cands["proxy"].max() - tol
     head = cands[top].sort_values(["predicted_latency_ms", "proxy"], ascending=[False, False],
                                   kind="stable").assign(role="best")
@@ -151,9 +171,13 @@ def select_finalists(
                "(the fastest plan's predicted latency is the lower bound)")
         warnings.warn(msg, stacklevel=2)
         return Finalists(pd.DataFrame(columns=FINALIST_COLUMNS), None, float("nan"), (msg,))
-    cands = [(int(r.trial), str(r.role), float(r.proxy), float(r.predicted_latency_ms),
+    refined = order[REFINED_COLUMN] if REFINED_COLUMN in order else \
+        pd.Series(np.nan, index=order.index)
+    # a refined trial is ranked (and reported) by its refined proxy
+    ranked = refined.where(refined.notna(), order["proxy"])
+    cands = [(int(r.trial), str(r.role), float(p), float(r.predicted_latency_ms),
               PruningPlan.from_json(getattr(r, PLAN_COLUMN)))
-             for r in order.itertuples(index=False)]
+             for r, p in zip(order.itertuples(index=False), ranked)]
     if not verify:
         n, role, proxy, pred, plan = cands[0]
         row = _row(n, role, proxy, pred, plan, float("nan"), float("nan"), float("nan"), True)
@@ -211,6 +235,10 @@ def select_finalists(
         notes.append(msg)
     else:
         tol = _check_tolerance(proxy_tolerance)
+        # refined finalists carry the costlier proxy (another scale): they are preferred
+        refined_rows = passing[passing["role"] == "refined"]
+        if not refined_rows.empty:
+            passing = refined_rows
         near = passing[passing["proxy"] >= passing["proxy"].max() - tol]
         best_n = int(near.sort_values("predicted_latency_ms", ascending=False,
                                       kind="stable")["trial"].iloc[0])

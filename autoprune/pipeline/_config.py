@@ -77,7 +77,11 @@ class SearchConfig:
     are re-measured (``autoprune.select_finalists``): ``n_finalists`` measured (more, up to
     ``max_remeasure``, while none meets the budget), proxies within ``proxy_tolerance`` of the
     best count as ties (larger plan first); ``verify_finalists=False`` chooses by prediction
-    only (the verify step still measures the result)."""
+    only (the verify step still measures the result). ``refine_top_k`` > 0 re-scores that many
+    of the study's best plans with the accuracy proxy after ``refine_finetune_steps`` SGD steps
+    on the training data (``autoprune.search(refine_evaluator=...)``; needs ``val_loader``) and
+    takes finalists from them first: a proxy that still ranks plans at aggressive budgets,
+    where accuracy after BatchNorm re-calibration alone sits near chance."""
 
     n_trials: int = 60
     strategy: Any = "tpe"
@@ -91,9 +95,13 @@ class SearchConfig:
     max_remeasure: int = 8
     proxy_tolerance: float = 0.01
     verify_finalists: bool = True
+    refine_top_k: int = 0
+    refine_finetune_steps: int = 50
 
     def __post_init__(self) -> None:
         _int("SearchConfig.n_trials", self.n_trials, 1)
+        _int("SearchConfig.refine_top_k", self.refine_top_k, 0)
+        _int("SearchConfig.refine_finetune_steps", self.refine_finetune_steps, 1)
         _int("SearchConfig.n_finalists", self.n_finalists, 1)
         _int("SearchConfig.max_remeasure", self.max_remeasure, 1)
         _positive("SearchConfig.proxy_tolerance", self.proxy_tolerance, zero=True)
@@ -126,7 +134,8 @@ class SearchConfig:
 
     def search_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``autoprune.search`` for this config."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("refine_top_k", "refine_finetune_steps")}  # the pipeline's
         for k in ("strategy_options", "space_options"):
             d[k] = None if d[k] is None else dict(d[k])
         return d

@@ -180,6 +180,10 @@ def run_pipeline(
                       finetune_epochs, finetune_options, distill, train_device)
     if fc.epochs > 0 and train_loader is None:
         raise InvalidInputError("fine-tuning needs train_loader (or pass finetune_epochs=0)")
+    if sc.refine_top_k > 0 and (val_loader is None or train_loader is None):
+        raise InvalidInputError("SearchConfig.refine_top_k needs train_loader and val_loader "
+                                "(the refined proxy fine-tunes on the first and scores on the "
+                                "second)")
     from autoprune._analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.executor import apply_plan
@@ -373,11 +377,14 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
     finalists chosen by ``select_finalists`` against ``budget`` (less its headroom for a
     fraction); returns the plan and its predicted latency."""
     from autoprune._search import search
+    from autoprune.evaluators import accuracy_evaluator
 
     if search_evaluator is None and val_loader is not None:
-        from autoprune.evaluators import accuracy_evaluator
-
         search_evaluator = accuracy_evaluator(val_loader, calib_loader=train_loader)
+    refine = None
+    if sc.refine_top_k > 0:  # run_pipeline checked that both loaders are given
+        refine = accuracy_evaluator(val_loader, calib_loader=train_loader,
+                                    finetune_steps=sc.refine_finetune_steps)
     finalist_budget = budget
     if budget.fraction is None:
         search_budget_ms = float(budget.ms)  # type: ignore[arg-type]
@@ -400,7 +407,8 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
     result = search(model, args, device=backend, latency_budget_ms=search_budget_ms,
                     evaluator=search_evaluator, table=table, predictor=predictor,
                     run_dir=run_dir / "search", seed=seed, progress=progress, spec=spec,
-                    finalist_budget=finalist_budget, **sc.search_kwargs())
+                    finalist_budget=finalist_budget, refine_evaluator=refine,
+                    refine_top_k=max(1, sc.refine_top_k), **sc.search_kwargs())
     atomic_write_text(run_dir / "trials.csv", result.trials.to_csv(index=False))
     atomic_write_text(run_dir / "finalists.csv", result.finalists.to_csv(index=False))
     try:
