@@ -27,6 +27,7 @@ run stops after search and verification (no fine-tuning, no accuracy).
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,13 @@ def factory_loaders(factory: str, shape: tuple[int, ...],
     the batch dimension."""
     fn = resolve_factory(factory, "--data", "mypackage.data:loaders")
     try:
-        out = fn(**kwargs)
+        inspect.signature(fn).bind(**kwargs)
     except TypeError as e:
         raise InvalidInputError(
             f"--data {factory} could not be called with --data-kwargs {kwargs}: {e}") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call itself will say
+    out = fn(**kwargs)
     what = f"--data factory {factory}"
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         got = (f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list))
