@@ -317,3 +317,107 @@ def test_dry_run_check_returns_a_new_spec():
         checked = check_channel_groups(model, (x,), unchecked)
     assert unchecked.to_dict() == before
     assert checked.ignored == unchecked.ignored == ("2",)
+
+
+
+def _torch_pruned_resnet18(how: str) -> tuple[nn.Module, nn.Module]:
+    """(dense, pruned copy) of a torchvision resnet18 whose convs carry torch.nn.utils.prune
+    masks, after a training step and a forward pass with gradients enabled (the masked
+    weights are non-leaf tensors then)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(num_classes=10).eval()
+    model = copy.deepcopy(dense)
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            if how == "l1_unstructured":
+                prune.l1_unstructured(mod, "weight", amount=0.5)
+            else:
+                prune.ln_structured(mod, "weight", amount=0.3, n=1, dim=0)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # a training step's forward and backward
+    return dense, model.eval()
+
+
+@pytest.mark.parametrize("how", ["l1_unstructured", "ln_structured"])
+def test_analyze_a_model_pruned_with_torch_prune_after_a_forward_pass(how):
+    """torch.nn.utils.prune keeps ``weight = weight_orig * weight_mask`` as a non-leaf tensor
+    recomputed by a forward pre-hook: copy.deepcopy of such a model raised "Only Tensors
+    created explicitly by the user (graph leaves) support the deepcopy protocol" (issue 12).
+    analyze works on it, finds the same groups as on the dense model, and leaves it alone."""
+    import autoprune as ap
+
+    dense, model = _torch_pruned_resnet18(how)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    model(x)  # a forward pass with gradients enabled: the masked weights are non-leaf again
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)  # the failure the fix has to route around
+    weight_before = model.layer1[0].conv1.weight
+    spec = ap.analyze(model, x)
+    ref = ap.analyze(dense, x)
+    assert set(spec.groups) == set(ref.groups)
+    assert {n: g.allowed for n, g in spec.groups.items()} == \
+        {n: g.allowed for n, g in ref.groups.items()}
+    assert spec.layers.keys() == ref.layers.keys()
+    # the user's model keeps its pruning reparametrisation and gives the same outputs
+    conv = model.layer1[0].conv1
+    assert "weight_orig" in dict(conv.named_parameters()) and "weight" not in conv._parameters
+    assert "weight_mask" in dict(conv.named_buffers())
+    assert conv.weight is weight_before and not conv.weight.is_leaf
+    assert conv.weight_orig.grad is not None  # its autograd state is untouched too
+    assert not model.training
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_plain_copy_of_a_torch_pruned_model_runs_like_it():
+    from autoprune._analyze._plain import copy_module, has_torch_pruning, without_torch_pruning
+
+    dense, model = _torch_pruned_resnet18("ln_structured")
+    x = torch.randn(1, 3, 32, 32)
+    model(x)
+    assert has_torch_pruning(model) and not has_torch_pruning(dense)
+    assert without_torch_pruning(dense) is dense
+    same = copy_module(model)  # keeps the hooks: a forward recomputes weight from the copy
+    plain = without_torch_pruning(model)
+    assert not has_torch_pruning(plain)
+    conv = plain.layer1[0].conv1
+    assert "weight" in conv._parameters and not hasattr(conv, "weight_orig")
+    assert conv.weight.grad is None and model.layer1[0].conv1.weight_orig.grad is not None
+    # ln_structured along dim 0 zeroed 30% of the output rows in the plain weight
+    zero_rows = int((conv.weight.flatten(1).abs().sum(1) == 0).sum())
+    assert zero_rows == round(0.3 * 64)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(same(x), want, rtol=0, atol=0)
+        same.layer1[0].conv1.weight_orig.mul_(0)  # a real copy: the user's model is unchanged
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_diagnose_a_torch_pruned_model_after_a_forward_pass():
+    """diagnose reaches its masked-model path on a torch.nn.utils.prune model whose masked
+    weights are non-leaf (after a forward pass): masks give no speed, whole channels would."""
+    import autoprune as ap
+
+    dense, model = _torch_pruned_resnet18("l1_unstructured")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    model(x)
+    cliff = ap.get_backend("synthetic", alignment=8, in_step=4, in_penalty=1.6)
+    report = ap.diagnose(model, dense, x, device=cliff)
+    assert report.masked and "layer1.0.conv1" in report.masked_layers
+    note = " ".join(report.notes)
+    assert "masks give no speed" in note and "channel" in note
+    assert report.latency_ratio == pytest.approx(1.0, abs=0.02)
+    row = report.layers.set_index("layer").loc["layer1.0.conv1"]
+    assert row["weight_zero_share"] == pytest.approx(0.5, abs=0.01)
+    conv = model.layer1[0].conv1
+    assert "weight_orig" in dict(conv.named_parameters())
+    assert "weight_mask" in dict(conv.named_buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from autoprune._analyze._adapters import ADAPTERS, LayerAdapter, Side
+from autoprune._analyze._plain import without_torch_pruning
 from autoprune._analyze._tpglue import (
     Graphs,
     build_graphs,
@@ -68,7 +69,9 @@ def analyze(
     """Find the prunable groups and the layer shapes of ``model``.
 
     Args:
-        model: any ``nn.Module``; it is not modified (its train/eval mode is restored).
+        model: any ``nn.Module``; it is not modified (its train/eval mode is restored). A model
+            pruned with ``torch.nn.utils.prune`` is analysed as a copy with the pruning made
+            permanent (what a device runs); the model itself keeps its hooks.
         example_inputs: a tensor or tuple of tensors, at the batch size and input size the
             model will be deployed with (layer shapes are measured from them).
         ignore: module paths to keep unpruned (each is warned about; recorded in
@@ -84,6 +87,9 @@ def analyze(
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
+    # torch.nn.utils.prune: analyze the model as a device runs it (plain weights holding the
+    # zeros) on a copy; its non-leaf masked weights made copy.deepcopy fail (issue 12)
+    model = without_torch_pruning(model)
     if isinstance(ignore, str):
         raise InvalidInputError(
             f"ignore must be a list of module paths, got the string {ignore!r}; "

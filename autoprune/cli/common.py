@@ -24,6 +24,44 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def resolve_factory(factory: str, flag: str = "--model",
+                    example: str = "torchvision.models:resnet18") -> Any:
+    """The callable named by ``module:callable`` (dotted attributes allowed after the colon);
+    errors name ``flag``, the bad value and the expected form."""
+    if not isinstance(factory, str) or ":" not in factory:
+        raise InvalidInputError(
+            f"{flag} must be 'module:callable' (e.g. {example}), got {factory!r}"
+        )
+    mod_name, attr = factory.split(":", 1)
+    if not mod_name or not attr:
+        raise InvalidInputError(
+            f"{flag} must be 'module:callable' (e.g. {example}), got {factory!r}"
+        )
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InvalidInputError(f"cannot import module {mod_name!r} for {flag}: {e}") from None
+    fn: Any = mod
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise InvalidInputError(f"module {mod_name!r} has no attribute {attr!r} ({flag})")
+    if not callable(fn):
+        raise InvalidInputError(f"{flag} {factory!r} is not callable")
+    return fn
+
+
+def parse_kwargs(kwargs_json: str | None, flag: str = "--model-kwargs") -> dict[str, Any]:
+    """A JSON object of keyword arguments (``{}`` when not given)."""
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise InvalidInputError(f"{flag} must be a JSON object, got {kwargs_json!r}")
+    return kwargs
+
+
 def load_model(factory: str, kwargs_json: str | None = None, weights: str | None = None,
                num_classes: int | None = None) -> Any:
     """Build ``module:callable(**kwargs)`` in eval mode, optionally loading a state_dict.
@@ -31,28 +69,9 @@ def load_model(factory: str, kwargs_json: str | None = None, weights: str | None
     torchvision factories get ``weights=None`` (nothing is downloaded); ``num_classes`` is a
     shortcut for that keyword; ``weights`` is loaded with ``torch.load(weights_only=True)``.
     """
-    if ":" not in factory:
-        raise InvalidInputError(
-            f"--model must be 'module:callable' (e.g. torchvision.models:resnet18), got {factory!r}"
-        )
-    mod_name, attr = factory.split(":", 1)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise InvalidInputError(f"cannot import module {mod_name!r} for --model: {e}") from None
-    fn: Any = mod
-    for part in attr.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise InvalidInputError(f"module {mod_name!r} has no attribute {attr!r} (--model)")
-    if not callable(fn):
-        raise InvalidInputError(f"--model {factory!r} is not callable")
-    try:
-        kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(f"--model-kwargs is not valid JSON: {e}") from None
-    if not isinstance(kwargs, dict):
-        raise InvalidInputError("--model-kwargs must be a JSON object")
+    fn = resolve_factory(factory, "--model")
+    mod_name = factory.split(":", 1)[0]
+    kwargs = parse_kwargs(kwargs_json, "--model-kwargs")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     params: Mapping[str, inspect.Parameter]
