@@ -21,6 +21,7 @@ from torch import nn
 
 from autoprune._analyze import analyze
 from autoprune._analyze._adapters import ADAPTERS
+from autoprune._analyze._plain import without_torch_pruning
 from autoprune._analyze._tpglue import build_graphs, normalize_inputs, prune_channels
 from autoprune.errors import InvalidInputError
 from autoprune.importance import Importance, get_importance
@@ -147,7 +148,11 @@ def apply_plan(
             f"importance {imp.name!r} needs gradients: pass batch=(inputs, labels) "
             "(and loss_fn if the loss is not cross-entropy), or choose l1, l2, bn_gamma or random"
         )
-    new = copy.deepcopy(model)
+    # a torch.nn.utils.prune model is pruned with its masks made permanent (plain weights
+    # holding the zeros, what a device runs): its hooks would fight the new shapes
+    new = without_torch_pruning(model)
+    if new is model:
+        new = copy.deepcopy(model)
     was_training = model.training
     new.eval()
     try:

@@ -421,3 +421,24 @@ def test_diagnose_a_torch_pruned_model_after_a_forward_pass():
     assert "weight_mask" in dict(conv.named_buffers())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_apply_plan_and_diagnose_leave_a_torch_pruned_model_alone():
+    """apply_plan copies the model it prunes (copy.deepcopy refused a torch.nn.utils.prune model
+    after a forward pass); diagnose works on a copy too: the user's masked weight tensor is the
+    same object afterwards (the old diagnose swapped it for a detached one)."""
+    import autoprune as ap
+
+    dense, model = _torch_pruned_resnet18("l1_unstructured")
+    x = torch.randn(1, 3, 32, 32)
+    model(x)
+    weight_before = model.layer1[0].conv1.weight
+    spec = ap.analyze(model, x)
+    pruned = ap.apply_plan(model, ap.PruningPlan.uniform(spec, 0.5, alignment=8), x, spec=spec)
+    assert pruned.layer1[0].conv1.out_channels == 32
+    assert pruned(x).shape == (1, 10)  # plain weights (the masks made permanent), no hooks
+    assert "weight" in pruned.layer1[0].conv1._parameters
+    assert model.layer1[0].conv1.weight is weight_before
+    rep = ap.diagnose(model, dense, x, device=ap.get_backend("synthetic"))
+    assert len(rep.layers) > 0
+    assert model.layer1[0].conv1.weight is weight_before and not weight_before.is_leaf

@@ -10,13 +10,12 @@ import torch
 from torch import nn
 
 from autoprune._analyze import analyze, normalize_inputs
+from autoprune._analyze._plain import copy_module, without_torch_pruning
 from autoprune._diagnose._match import (
     LayerWidths,
     check_structure,
-    detach_pruning_weights,
     plan_from_widths,
     read_widths,
-    without_pruning_hooks,
 )
 from autoprune.errors import InvalidInputError, TableMismatchError
 from autoprune.latency._rules import KernelRules, cached_kernel_rules
@@ -83,7 +82,9 @@ def resolve_backend(device: Any) -> tuple[Any, str]:
 def build_context(pruned: nn.Module, reference: nn.Module, example_inputs: Any, device: Any,
                   table: LatencyTable | None) -> Context:
     check_structure(pruned, reference)
-    detach_pruning_weights(pruned)
+    # a copy: a torch.nn.utils.prune model's masked weights are non-leaf after a forward pass
+    # (not deep-copyable), and the user's model is not touched
+    pruned = copy_module(pruned)
     backend, name = resolve_backend(device)
     inputs = normalize_inputs(example_inputs)
     spec = analyze(reference, inputs)
@@ -102,4 +103,4 @@ def build_context(pruned: nn.Module, reference: nn.Module, example_inputs: Any, 
             "(autoprune.profile) or pass table=None")
     rules = table.kernel_rules if table.kernel_rules is not None else cached_kernel_rules(backend)
     return Context(backend, name, inputs, spec, widths, plan, kept, table, rules,
-                   without_pruning_hooks(pruned))
+                   without_torch_pruning(pruned))

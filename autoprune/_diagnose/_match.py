@@ -8,7 +8,6 @@ the reference's ``ModelSpec``.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -77,49 +76,6 @@ def effective_weight(module: nn.Module, suffix: str) -> torch.Tensor | None:
     if isinstance(mask, torch.Tensor) and mask.shape == w.shape:
         w = w * mask.to(w.dtype)
     return w
-
-
-def detach_pruning_weights(model: nn.Module) -> None:
-    """``torch.nn.utils.prune`` keeps ``weight = weight_orig * weight_mask`` as a plain
-    attribute that, after a forward pass with gradients, is a non-leaf tensor: such a model
-    cannot be deep-copied (which analysing and measuring it need). Replace those attributes
-    by their detached values (same numbers; the pruning hook recomputes them on every forward,
-    so training is unaffected)."""
-    from torch.nn.utils.prune import BasePruningMethod
-
-    for mod in model.modules():
-        for hook in list(mod._forward_pre_hooks.values()):
-            methods = getattr(hook, "_pruning_methods", [hook])
-            if not isinstance(hook, BasePruningMethod):
-                continue
-            for method in methods:
-                name = getattr(method, "_tensor_name", None)
-                if not isinstance(name, str):
-                    continue
-                t = getattr(mod, name, None)
-                if isinstance(t, torch.Tensor) and not t.is_leaf:
-                    setattr(mod, name, t.detach())
-
-
-def without_pruning_hooks(model: nn.Module) -> nn.Module:
-    """``model`` itself, or, if ``torch.nn.utils.prune`` hooks are on it, a copy with the
-    pruning made permanent (plain weights holding the zeros): what a device runs, and what
-    ``analyze`` (whose forward pass would rebuild the non-leaf masked weights) can copy."""
-    from torch.nn.utils import prune
-    from torch.nn.utils.prune import BasePruningMethod
-
-    if not any(isinstance(h, BasePruningMethod)
-               for m in model.modules() for h in m._forward_pre_hooks.values()):
-        return model
-    detach_pruning_weights(model)
-    plain = copy.deepcopy(model)
-    for mod in plain.modules():
-        for hook in list(mod._forward_pre_hooks.values()):
-            if isinstance(hook, BasePruningMethod):
-                name = getattr(hook, "_tensor_name", None)
-                if isinstance(name, str):
-                    prune.remove(mod, name)
-    return plain
 
 
 def has_mask(module: nn.Module) -> bool:
