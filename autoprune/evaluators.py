@@ -69,9 +69,14 @@ def _forward(model: nn.Module, x: Any) -> torch.Tensor:
 
 
 def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int = 10,
-                          device: Any = None) -> nn.Module:
+                          device: Any = None,
+                          inputs_of: Callable[[Any], Any] | None = None) -> nn.Module:
     """Re-estimate every BatchNorm's running mean/variance from ``batches`` batches
-    (cumulative average, no gradient), in place; returns the model in eval mode."""
+    (cumulative average, no gradient), in place; returns the model in eval mode. Only the
+    BatchNorm layers run in training mode: dropout and stochastic depth stay off, so the
+    statistics are those of the network that is evaluated. ``inputs_of(batch)``: the model
+    inputs of a batch (a tensor, or a tuple of positional inputs); default: the first item of
+    a tuple/list batch, or its ``input``/``x``/``image`` key."""
     import torch
     from torch import nn
 
@@ -82,13 +87,15 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int 
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the calibration batches
-    model.train()
+    model.eval()
+    for m in bns:
+        m.train()
     try:
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if i >= batches:
                     break
-                x, _ = _split_batch(batch)
+                x = inputs_of(batch) if inputs_of is not None else _split_batch(batch)[0]
                 _forward(model, _to_device(x, device))
     finally:
         for m, mom in saved:

@@ -141,17 +141,17 @@ class _Interrupt(Exception):
     pass
 
 
-class _DyingLoader:
-    """Yields the wrapped loader's batches, raising after ``die_after`` batches in total."""
+class _DyingLoader(DataLoader):
+    """The wrapped loader's batches (same dataset and batch size, unshuffled), raising after
+    ``die_after`` batches in total. A DataLoader, so BatchNorm recalibration re-reads its
+    dataset (a seeded shuffle) without counting towards ``die_after``."""
 
     def __init__(self, loader: DataLoader, die_after: int) -> None:
-        self.loader, self.die_after, self.seen = loader, die_after, 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
+        super().__init__(loader.dataset, batch_size=loader.batch_size, shuffle=False)
+        self.die_after, self.seen = die_after, 0
 
     def __iter__(self):
-        for b in self.loader:
+        for b in super().__iter__():
             if self.seen >= self.die_after:
                 raise _Interrupt
             self.seen += 1
@@ -478,8 +478,9 @@ def test_own_loop_with_shipped_callbacks_matches_the_trainer():
 
     built = _net()
     built.load_state_dict(init)
-    Trainer(built, _loader(), FinetuneConfig(steps=steps, lr=lr, gradual=sched,
-                                             progress=False)).fit()
+    # the hand-written loop below has no BatchNorm recalibration: off in the trainer too
+    Trainer(built, _loader(), FinetuneConfig(steps=steps, lr=lr, gradual=sched, progress=False,
+                                             bn_recalibration_batches=0)).fit()
 
     own = _net()
     own.load_state_dict(init)
@@ -519,7 +520,7 @@ def test_mask_enforcer_in_own_loop_keeps_masks_like_the_trainer():
         _install_masks(m)
         m.load_state_dict(init.state_dict())
     Trainer(built, _loader(), FinetuneConfig(steps=8, lr=0.1, momentum=0.0, weight_decay=0.0,
-                                             progress=False)).fit()
+                                             progress=False, bn_recalibration_batches=0)).fit()
     opt = torch.optim.SGD(own.parameters(), lr=0.1)
     enforcer = MaskEnforcer(own)
     for i, (x, y) in enumerate(_loader()):
@@ -582,3 +583,31 @@ def test_bad_batches_name_the_convention():
     dict_batches = [{"inputs": x, "targets": y} for x, y in _loader()]
     res = finetune(_net(), dict_batches, steps=3, progress=False)
     assert res.steps_run == 3
+
+
+def test_batchnorm_statistics_are_recalibrated_before_and_after_training():
+    """A pruned model's inherited BatchNorm statistics are wrong for its new widths: finetune
+    re-estimates them from the training data before the first step and after the last."""
+    torch.manual_seed(0)
+    data = _loader()
+    xs = torch.cat([x for x, _ in data])
+    want = xs.mean(dim=(0, 2))  # what BatchNorm1d(4) would see on the raw inputs
+    net = nn.Sequential(nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(xs.shape[1] * xs.shape[2], 4))
+    seen: list[torch.Tensor] = []
+
+    class Spy(Callback):
+        def on_phase_begin(self, trainer) -> None:  # right before the first step
+            seen.append(net[0].running_mean.clone())
+
+    with torch.no_grad():
+        net[0].running_mean.fill_(100.0)
+    Trainer(net, data, FinetuneConfig(steps=1, lr=1e-6, progress=False),
+            callbacks=[Spy()]).fit()
+    assert torch.allclose(seen[0], want, atol=0.05)  # recalibrated before the first step
+    assert torch.allclose(net[0].running_mean, want, atol=0.05)
+    with torch.no_grad():
+        net[0].running_mean.fill_(100.0)
+    finetune(net, data, steps=1, lr=1e-6, progress=False, bn_recalibration_batches=0)
+    assert net[0].running_mean.min() > 50  # off: only one momentum step towards the data
+    with pytest.raises(InvalidInputError, match="bn_recalibration_batches"):
+        finetune(net, data, steps=1, progress=False, bn_recalibration_batches=-1)

@@ -39,6 +39,7 @@ def finetune(
     gradual: GradualSchedule | Mapping[str, Any] | None = None,
     rewind: int | None = None,
     bn_l1: float = 0.0,
+    bn_recalibration_batches: int = 10,
     loss_fn: LossFn | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -63,6 +64,8 @@ def finetune(
       statistics) are reset to their values at step ``k`` and trained again for the remaining
       ``total - k`` steps with the final masks fixed and the LR schedule replayed from ``k``.
     - ``bn_l1``: L1 penalty on BatchNorm scales (network slimming).
+    - ``bn_recalibration_batches``: BatchNorm statistics re-estimated from that many training
+      batches before the first step and after the last (0: off; see ``FinetuneConfig``).
     """
     config = FinetuneConfig(
         epochs=epochs, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
@@ -70,7 +73,8 @@ def finetune(
         kd_weight=kd_weight, early_stopping_patience=early_stopping_patience,
         restore_best=restore_best, checkpoint_dir=checkpoint_dir,
         gradual=gradual,  # type: ignore[arg-type]  # a dict is converted by FinetuneConfig
-        rewind=rewind, bn_l1=bn_l1, device=device, seed=seed, progress=progress,
+        rewind=rewind, bn_l1=bn_l1, bn_recalibration_batches=bn_recalibration_batches,
+        device=device, seed=seed, progress=progress,
     )
     trainer = Trainer(model, train_loader, config, teacher=teacher, val_loader=val_loader,
                       val_metric=val_metric, loss_fn=loss_fn)

@@ -78,6 +78,21 @@ def callbacks_for(model: nn.Module, config: FinetuneConfig, *, has_metric: bool
     return out
 
 
+def _calibration_batches(loader: Any, seed: int) -> Any:
+    """Batches for BatchNorm recalibration: a DataLoader over a map-style dataset is re-read in
+    a shuffle seeded by ``seed`` (a sorted dataset's first batches would be one class, and the
+    training loader's generator is not advanced); any other iterable is used as it is."""
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) \
+            or loader.batch_size is None:
+        return loader
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size,
+                      sampler=RandomSampler(loader.dataset, generator=g),  # type: ignore[arg-type]
+                      collate_fn=loader.collate_fn)
+
+
 def _dist() -> tuple[bool, int, int]:
     import torch.distributed as dist
 
@@ -259,6 +274,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_begin(self)
         resumed = self.resumed_from_step is not None
+        if not resumed:
+            self._recalibrate()
         while not self.state.done:
             if not resumed:
                 self.state.stop_requested = False
@@ -275,7 +292,24 @@ class Trainer:
                 self.state.phase = self.phases[i + 1]
         for cb in self.callbacks:
             cb.on_train_end(self)
+        self._recalibrate()
         return self._result()
+
+    def _recalibrate(self) -> None:
+        """Re-estimate BatchNorm statistics (``config.bn_recalibration_batches`` batches of a
+        seeded shuffle of the training set, so the training loader's own order is untouched)
+        and restore the model's mode. Off under DDP (each rank would see other batches)."""
+        n = int(self.config.bn_recalibration_batches)
+        if n <= 0 or self._distributed:
+            return
+        from autoprune.evaluators import recalibrate_batchnorm
+
+        was_training = self.model.training
+        recalibrate_batchnorm(self.model, _calibration_batches(self.train_loader,
+                                                               self.config.seed),
+                              batches=n, device=self.device,
+                              inputs_of=lambda b: split_batch(b)[0])  # the trainer's convention
+        self.model.train(was_training)
 
     def _assemble(self) -> list[Callback]:
         built = callbacks_for(self.model, self.config,

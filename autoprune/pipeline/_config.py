@@ -177,6 +177,7 @@ class FinetuneOptions:
     gradual: Any = None
     rewind: int | None = None
     bn_l1: float | None = None
+    bn_recalibration_batches: int | None = None
     loss_fn: Callable[[Any, Any], Any] | None = None
 
     def __post_init__(self) -> None:
@@ -190,7 +191,7 @@ class FinetuneOptions:
         for name in ("steps", "early_stopping_patience"):
             if getattr(self, name) is not None:
                 _int(f"FinetuneOptions.{name}", getattr(self, name), 1)
-        for name in ("warmup_steps", "rewind"):
+        for name in ("warmup_steps", "rewind", "bn_recalibration_batches"):
             if getattr(self, name) is not None:
                 _int(f"FinetuneOptions.{name}", getattr(self, name), 0)
         for name in ("lr", "kd_temperature"):
