@@ -6,7 +6,7 @@
 
 The model is an importable factory ``module:callable`` (called with ``--model-kwargs``), with
 optional weights (``--weights w.pt``, a state_dict loaded with ``torch.load(weights_only=True)``).
-``--data digits|mnist1d`` uses the bundled datasets for fine-tuning and accuracy; without data
+``--data digits|mnist1d|glyphs`` uses the bundled datasets for fine-tuning and accuracy; without data
 the run stops after search and verification (no fine-tuning, no accuracy).
 """
 
@@ -25,7 +25,7 @@ from autoprune.cli.common import (
 from autoprune.errors import InvalidInputError
 from autoprune.io import atomic_torch_save, safe_torch_load
 
-DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist1d", "glyphs")
 
 
 def data_loaders(name: str, shape: tuple[int, ...], seed: int = 0) -> tuple[Any, Any]:
@@ -39,6 +39,10 @@ def data_loaders(name: str, shape: tuple[int, ...], seed: int = 0) -> tuple[Any,
         if len(shape) != 3 or shape[1:] != (1, 40):
             raise InvalidInputError(f"--data mnist1d needs --input-shape N,1,40, got {shape}")
         return data.mnist1d_loaders(seed=seed)
+    if name == "glyphs":
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise InvalidInputError(f"--data glyphs needs a square image shape N,C,H,H, got {shape}")
+        return data.glyphs_loaders(size=shape[2], channels=shape[1], seed=seed)
     raise InvalidInputError(f"unknown --data {name!r}; known: {', '.join(DATASETS)}")
 
 
