@@ -185,7 +185,7 @@ def test_truncated_labels_in_cache_are_refused(tmp_path):
 ])
 def test_bad_arguments_name_the_value(kwargs, named, tmp_path):
     with pytest.raises(InvalidInputError, match=named.replace(".", r"\.").replace("+", r"\+")):
-        data.glyphs_tensors(**{**SMALL, **kwargs}, root=tmp_path)
+        data.glyphs_tensors(**{**SMALL, "root": tmp_path, **kwargs})
     assert not list(tmp_path.iterdir())  # nothing generated or written
 
 
