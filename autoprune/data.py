@@ -5,6 +5,9 @@
   The test split is 20% (360 images: one image is 0.28 accuracy points).
 - ``mnist1d_loaders``: the MNIST-1D benchmark, generated locally by ``mnist1d.make_dataset``
   (never downloaded): 4,000 train / 1,000 test sequences of length 40.
+- ``glyphs_loaders``: a harder task generated here: up to 86 classes of characters drawn from
+  the fonts matplotlib ships, under affine maps, clutter, blur, noise and colour jitter scaled
+  by ``difficulty``; 64x64 RGB by default, cached on disk after the first generation.
 """
 
 from __future__ import annotations
