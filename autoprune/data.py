@@ -122,7 +122,7 @@ GLYPH_FONTS: tuple[str, ...] = (
 GLYPH_LEVELS: dict[str, float] = {"easy": 0.25, "medium": 0.5, "hard": 0.75, "extreme": 1.0}
 #: the default difficulty, calibrated so a ResNet-18 trained from scratch lands at 80-95%
 #: (BENCHMARKS.md, "Glyphs task: difficulty calibration")
-GLYPHS_DEFAULT_DIFFICULTY = 0.5
+GLYPHS_DEFAULT_DIFFICULTY = 0.35
 _MIN_GLYPH_SIZE = 16
 _GEN_BATCH = 1024
 
