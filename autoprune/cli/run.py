@@ -9,7 +9,7 @@ optional weights (``--weights w.pt``, a state_dict loaded with ``torch.load(weig
 ``--data`` gives the data for fine-tuning, the search's accuracy proxy and the reported
 accuracy, in one of three forms:
 
-- a bundled dataset: ``digits`` or ``mnist1d``;
+- a bundled dataset: ``digits``, ``mnist1d`` or ``glyphs`` (``autoprune.data``);
 - an importable factory ``module:callable`` (called with ``--data-kwargs``, a JSON object) that
   returns ``(train_loader, val_loader)``, each re-iterable and yielding ``(inputs, labels)``
   batches whose inputs match ``--input-shape`` apart from the batch dimension;
@@ -43,7 +43,7 @@ from autoprune.cli.common import (
 from autoprune.errors import InvalidInputError
 from autoprune.io import atomic_torch_save, safe_torch_load
 
-DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist1d", "glyphs")
 
 
 def data_loaders(name: str, shape: tuple[int, ...], seed: int = 0) -> tuple[Any, Any]:
@@ -57,6 +57,10 @@ def data_loaders(name: str, shape: tuple[int, ...], seed: int = 0) -> tuple[Any,
         if len(shape) != 3 or shape[1:] != (1, 40):
             raise InvalidInputError(f"--data mnist1d needs --input-shape N,1,40, got {shape}")
         return data.mnist1d_loaders(seed=seed)
+    if name == "glyphs":
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise InvalidInputError(f"--data glyphs needs a square image shape N,C,H,H, got {shape}")
+        return data.glyphs_loaders(size=shape[2], channels=shape[1], seed=seed)
     raise InvalidInputError(f"unknown --data {name!r}; known: {', '.join(DATASETS)}")
 
 
