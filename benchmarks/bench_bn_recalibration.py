@@ -20,19 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_proxy_rank import data  # noqa: E402
+from bench_proxy_rank import data, task_args  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--data", choices=("digits", "glyphs"), default="digits")
-    p.add_argument("--size", type=int, default=32)
-    p.add_argument("--n-train", type=int, default=10_000, help="glyphs training images")
-    p.add_argument("--dense-epochs", type=int, default=3)
-    p.add_argument("--keep", type=float, default=0.35)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    task_args(p, dense_epochs=3)
     args = p.parse_args()
 
     import autoprune as ap

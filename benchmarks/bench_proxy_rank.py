@@ -82,18 +82,23 @@ def random_plans(spec: Any, keep: float, n: int, seed: int) -> list[Any]:
     return plans
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def task_args(p: argparse.ArgumentParser, dense_epochs: int) -> None:
+    """The task options this script shares with bench_bn_recalibration.py."""
     p.add_argument("--model", default="resnet18")
     p.add_argument("--data", choices=("digits", "glyphs"), default="digits")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=10_000, help="glyphs training images")
-    p.add_argument("--dense-epochs", type=int, default=5)
+    p.add_argument("--dense-epochs", type=int, default=dense_epochs)
     p.add_argument("--keep", type=float, default=0.35)
-    p.add_argument("--n-plans", type=int, default=12)
-    p.add_argument("--steps", default="30,100", help="fine-tune steps of the costlier proxies")
     p.add_argument("--epochs", type=int, default=1, help="the real fine-tune")
     p.add_argument("--threads", type=int, default=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    task_args(p, dense_epochs=5)
+    p.add_argument("--n-plans", type=int, default=12)
+    p.add_argument("--steps", default="30,100", help="fine-tune steps of the costlier proxies")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_proxy_rank.csv")
     args = p.parse_args()
