@@ -287,10 +287,14 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     result = result.with_finalists(fin)
     atomic_write_text(run_dir / "finalists.csv", result.finalists.to_csv(index=False))
     plan = fin.chosen
-    if plan is None:  # nothing measured within budget: take the fastest re-measured finalist
+    if plan is None and len(result.finalists):  # none met the budget: the fastest measured
         fin = result.finalists.sort_values("measured_ratio")
         plan = PruningPlan.from_json(fin["plan"].iloc[0])
         note += " no finalist within budget; fastest finalist taken"
+    elif plan is None:  # no trial was even predicted within the budget
+        plan = SearchSpace.from_spec(spec, cache["table"], backend,
+                                     min_keep_ratio=0.05).fastest_plan()
+        note += " no trial predicted within budget; fastest plan of the space taken"
     return apply_plan(model, plan, (x,), spec=spec), plan, note
 
 
