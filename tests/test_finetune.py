@@ -128,13 +128,21 @@ def test_distillation_loss_matches_documented_formula():
 
 def test_teacher_changes_training():
     teacher = _net().eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     a, b = _net(), _net()
     b.load_state_dict(a.state_dict())
     finetune(a, _loader(), steps=6, lr=0.05, progress=False)
     finetune(b, _loader(), steps=6, lr=0.05, progress=False, teacher=teacher, kd_weight=0.9)
     assert not torch.allclose(a[8].weight, b[8].weight)
-    # teacher is left untouched and frozen
-    assert all(not p.requires_grad for p in teacher.parameters())
+    # the teacher is left untouched: same weights and statistics, still trainable (freezing it
+    # made a user's dense model untrainable after it had taught once), its mode restored
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    trained = _net().train()
+    finetune(_net(), _loader(), steps=2, progress=False, teacher=trained)
+    assert trained.training
+    finetune(trained, _loader(), steps=2, progress=False)  # the former teacher trains
 
 
 class _Interrupt(Exception):

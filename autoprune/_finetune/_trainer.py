@@ -245,10 +245,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         base = self.model
         base.to(self.device)
+        teacher_was_training = False
         if self.teacher is not None:
+            # runs under no_grad (``_step``): its parameters' requires_grad stay as the user
+            # left them (freezing them made the user's dense model untrainable afterwards)
+            teacher_was_training = self.teacher.training
             self.teacher.to(self.device).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
         self.loader = (_distributed_loader(self.train_loader, world, self.rank, cfg.seed)
                        if self._distributed else self.train_loader)
         try:
@@ -293,6 +295,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self)
         self._recalibrate()
+        if self.teacher is not None:
+            self.teacher.train(teacher_was_training)
         return self._result()
 
     def _recalibrate(self) -> None:
