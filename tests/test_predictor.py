@@ -356,9 +356,12 @@ def test_fit_on_onnxruntime_cpu_small_model():
 
     model, x = _conv1d(64)
     spec = analyze(model, x)
+    # ~20 µs models: their noise is drift between configurations, which the precision stop
+    # (target_rel_se) cannot see; with it this test's MAPE reached 0.30 once in CI, so the bound
+    # below is checked on the protocol it was set for (runs to the IQR target or the time cap)
     ort = get_backend("onnxruntime-cpu", threads=1,
                       protocol=ProtocolSettings(warmup_runs=5, min_runs=15, max_runs=100,
-                                                time_cap_s=0.2))
+                                                time_cap_s=0.2, target_rel_se=0.0))
     table = profile(model, x, ort, spec=spec, root=False, progress=False)
     pred = LatencyPredictor(n_samples=24, chunk_size=12).fit(
         table=table, model=model, example_inputs=x, backend=ort, spec=spec, progress=False)
