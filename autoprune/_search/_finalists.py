@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from autoprune._search._refine import REFINED_COLUMN
-from autoprune._search._result import PLAN_COLUMN, knee_index, pareto_front
+from autoprune._search._result import PLAN_COLUMN, candidate_rows, knee_index, pareto_front
 from autoprune.budget import Budget
 from autoprune.errors import InvalidInputError
 from autoprune.plan import PruningPlan
@@ -86,12 +86,7 @@ def candidate_order(trials: pd.DataFrame, proxy_tolerance: float = 0.0) -> pd.Da
     ``role`` column (``best``: within ``proxy_tolerance`` of the best proxy, ``knee``,
     ``next``); see the module docstring for the rule. One row per distinct plan."""
     tol = _check_tolerance(proxy_tolerance)
-    ok = trials["feasible"].astype(bool) & trials["proxy"].notna()
-    if "state" in trials:
-        ok &= trials["state"] == "COMPLETE"
-    if PLAN_COLUMN in trials:
-        ok &= trials[PLAN_COLUMN].map(lambda s: isinstance(s, str) and bool(s))
-    cands = trials[ok]
+    cands = trials[candidate_rows(trials)]
     if cands.empty:
         return cands.assign(role=pd.Series(dtype=str))
     if REFINED_COLUMN in cands and cands[REFINED_COLUMN].notna().any():

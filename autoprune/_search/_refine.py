@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from autoprune._search._result import PLAN_COLUMN
+from autoprune._search._result import PLAN_COLUMN, candidate_rows
 from autoprune.errors import InvalidInputError
 from autoprune.plan import PruningPlan
 
@@ -49,10 +49,7 @@ def refine_proxies(trials: pd.DataFrame, model: nn.Module, example_inputs: Any,
                                 "SearchResult.trials frame")
     out = trials.copy()
     out[REFINED_COLUMN] = np.nan
-    ok = out["feasible"].astype(bool) & out["proxy"].notna() & out[PLAN_COLUMN].map(
-        lambda s: isinstance(s, str) and bool(s))
-    if "state" in out:
-        ok &= out["state"] == "COMPLETE"
+    ok = candidate_rows(out)
     cands = out[ok].sort_values(["proxy", "predicted_latency_ms"], ascending=[False, False],
                                 kind="stable").drop_duplicates(subset=[PLAN_COLUMN])
     picked = cands.head(top_k)

@@ -192,6 +192,18 @@ def _num(x: float) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
+def candidate_rows(trials: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the trials that can become a plan: predicted within the budget
+    (``feasible``), scored (``proxy``), completed (``state``, where there is one) and carrying
+    a plan (``plan_json``, where there is one)."""
+    ok = trials["feasible"].astype(bool) & trials["proxy"].notna()
+    if "state" in trials:
+        ok &= trials["state"] == "COMPLETE"
+    if PLAN_COLUMN in trials:
+        ok &= trials[PLAN_COLUMN].map(lambda s: isinstance(s, str) and bool(s))
+    return ok
+
+
 def pareto_front(trials: pd.DataFrame) -> pd.DataFrame:
     """Non-dominated rows among completed feasible trials (max proxy, min predicted latency)."""
     if trials.empty:
