@@ -1,17 +1,23 @@
 """``anchor_budget_ms``: a budget given as a share of dense latency becomes predicted
-milliseconds by measurement (the widest uniform plan whose paired ratio fits)."""
+milliseconds by measurement (the widest uniform plan whose paired ratio fits); ``budget_use``
+and ``second_round_budget_ms``: when the chosen plan then measures well under the budget (the
+latency model prices the search's plans differently from the uniform anchor), the search is
+repeated once at a budget scaled by measurement (closed loop)."""
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autoprune.plan import PruningPlan
 
 if TYPE_CHECKING:
+    import pandas as pd
     from torch import nn
 
+    from autoprune.budget import Budget
     from autoprune.types import ModelSpec
 
 
@@ -79,3 +85,53 @@ def anchor_budget_ms(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, t
             t = (fraction - ratio) / (over_ratio - ratio)
             budget_ms = plan_ms + min(max(t, 0.0), 1.0) * (over_ms - plan_ms)
     return BudgetAnchor(budget_ms, keep, ratio, iqr, plan, plan_ms, over_ratio, over_plan)
+
+
+#: a chosen plan measured under this share of its budget triggers a second search
+MIN_BUDGET_USE = 0.95
+#: the second search's budget is at most this many times the first's
+MAX_BUDGET_SCALE = 1.5
+
+
+def budget_use(finalists: pd.DataFrame, budget: Budget) -> float:
+    """The share of ``budget`` the chosen finalist measured at: its paired ratio over the
+    fraction less headroom (``Budget.target_ratio``), or its measured ms over the budget in ms
+    (checked as given). NaN when nothing was chosen by measurement."""
+    if finalists.empty or "chosen" not in finalists:
+        return float("nan")
+    rows = finalists[finalists["chosen"].astype(bool)]
+    if rows.empty:
+        return float("nan")
+    if budget.fraction is not None:
+        return float(rows["measured_ratio"].iloc[0]) / budget.target_ratio()
+    return float(rows["measured_latency_ms"].iloc[0]) / float(budget.ms)  # type: ignore[arg-type]
+
+
+def second_round_budget_ms(search_budget_ms: float, use: float,
+                           min_use: float = MIN_BUDGET_USE,
+                           max_scale: float = MAX_BUDGET_SCALE) -> float | None:
+    """The search budget of a second search when the first's chosen plan used less than
+    ``min_use`` of the budget when measured: ``search_budget_ms / use`` (at most ``max_scale``
+    times the first), so the latency model's error on the search's own plans is divided out.
+    None when the first used enough (or nothing was measured)."""
+    if not math.isfinite(use) or use <= 0 or use >= min_use:
+        return None
+    return float(search_budget_ms) * min(1.0 / use, max_scale)
+
+
+def chosen_proxy(finalists: pd.DataFrame) -> float:
+    """The proxy of the chosen finalist (NaN when none was chosen)."""
+    if finalists.empty or "chosen" not in finalists:
+        return float("nan")
+    rows = finalists[finalists["chosen"].astype(bool)]
+    return float("nan") if rows.empty else float(rows["proxy"].iloc[0])
+
+
+def keep_second(first: pd.DataFrame, second: pd.DataFrame) -> bool:
+    """Whether the second search's choice replaces the first's: it met the budget by
+    measurement and its proxy is at least the first's (the same evaluator scored both)."""
+    p2 = chosen_proxy(second)
+    if not math.isfinite(p2):
+        return False
+    p1 = chosen_proxy(first)
+    return not math.isfinite(p1) or p2 >= p1

@@ -81,7 +81,11 @@ class SearchConfig:
     of the study's best plans with the accuracy proxy after ``refine_finetune_steps`` SGD steps
     on the training data (``autoprune.search(refine_evaluator=...)``; needs ``val_loader``) and
     takes finalists from them first: a proxy that still ranks plans at aggressive budgets,
-    where accuracy after BatchNorm re-calibration alone sits near chance."""
+    where accuracy after BatchNorm re-calibration alone sits near chance. ``budget_rounds=2``
+    searches once more, with half the trials, when the chosen plan measures under 95% of the
+    budget: at the first search's budget scaled by what it measured (at most 1.5x), keeping the
+    second choice if it meets the budget with a proxy at least as good. Off by default (1): on
+    the glyphs benchmark at 32² the second choice was never kept (BENCHMARKS.md)."""
 
     n_trials: int = 60
     strategy: Any = "tpe"
@@ -97,11 +101,16 @@ class SearchConfig:
     verify_finalists: bool = True
     refine_top_k: int = 0
     refine_finetune_steps: int = 50
+    budget_rounds: int = 1
 
     def __post_init__(self) -> None:
         _int("SearchConfig.n_trials", self.n_trials, 1)
         _int("SearchConfig.refine_top_k", self.refine_top_k, 0)
         _int("SearchConfig.refine_finetune_steps", self.refine_finetune_steps, 1)
+        _int("SearchConfig.budget_rounds", self.budget_rounds, 1)
+        if self.budget_rounds > 2:
+            raise InvalidInputError(f"SearchConfig.budget_rounds must be 1 or 2, got "
+                                    f"{self.budget_rounds!r}")
         _int("SearchConfig.n_finalists", self.n_finalists, 1)
         _int("SearchConfig.max_remeasure", self.max_remeasure, 1)
         _positive("SearchConfig.proxy_tolerance", self.proxy_tolerance, zero=True)
@@ -135,7 +144,7 @@ class SearchConfig:
     def search_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``autoprune.search`` for this config."""
         d = {f.name: getattr(self, f.name) for f in fields(self)
-             if f.name not in ("refine_top_k", "refine_finetune_steps")}  # the pipeline's
+             if f.name not in ("refine_top_k", "refine_finetune_steps", "budget_rounds")}
         for k in ("strategy_options", "space_options"):
             d[k] = None if d[k] is None else dict(d[k])
         return d

@@ -404,11 +404,39 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
         state.set(search_budget_ms=search_budget_ms)
     say(f"searching ({sc.n_trials} trials, budget {search_budget_ms:.4g} ms"
         + (f" = {budget.fraction:.0%} of dense)" if budget.fraction is not None else ")"))
-    result = search(model, args, device=backend, latency_budget_ms=search_budget_ms,
-                    evaluator=search_evaluator, table=table, predictor=predictor,
-                    run_dir=run_dir / "search", seed=seed, progress=progress, spec=spec,
-                    finalist_budget=finalist_budget, refine_evaluator=refine,
-                    refine_top_k=max(1, sc.refine_top_k), **sc.search_kwargs())
+
+    def run_search(budget_ms: float, subdir: str, n_trials: int) -> Any:
+        kwargs = {**sc.search_kwargs(), "n_trials": n_trials}
+        if kwargs["study_name"] is not None and subdir != "search":
+            kwargs["study_name"] = f"{kwargs['study_name']}-{subdir}"
+        return search(model, args, device=backend, latency_budget_ms=budget_ms,
+                      evaluator=search_evaluator, table=table, predictor=predictor,
+                      run_dir=run_dir / subdir, seed=seed, progress=progress, spec=spec,
+                      finalist_budget=finalist_budget, refine_evaluator=refine,
+                      refine_top_k=sc.refine_top_k, **kwargs)
+
+    result = run_search(search_budget_ms, "search", sc.n_trials)
+    if sc.budget_rounds > 1 and result.best_plan is not None:
+        # closed loop: the chosen plan measured well under the budget (the latency model
+        # prices the search's plans differently from the anchor) -> search once more at a
+        # budget scaled by measurement; keep that choice if it met the budget with a proxy as
+        # good (issue 13: "use the budget")
+        use = _anchor.budget_use(result.finalists, finalist_budget)
+        second_ms = state.get("search_budget_ms_2", "undecided")  # decided once per run_dir
+        if second_ms == "undecided":
+            second_ms = _anchor.second_round_budget_ms(search_budget_ms, use)
+            state.set(search_budget_ms_2=second_ms)  # None: the first search used enough
+        if second_ms is not None:
+            say(f"the chosen plan used {use:.0%} of the budget when measured: searching again "
+                f"at {second_ms:.4g} ms ({max(1, sc.n_trials // 2)} trials)")
+            second = run_search(float(second_ms), "search_2", max(1, sc.n_trials // 2))
+            kept = state.get("search_round_kept")  # a resumed run keeps its first decision
+            if kept is None:
+                kept = 2 if _anchor.keep_second(result.finalists, second.finalists) else 1
+                state.set(search_round_kept=kept)
+            say(f"second search {'kept' if kept == 2 else 'not kept (the first choice stays)'}")
+            if kept == 2:
+                result = second
     atomic_write_text(run_dir / "trials.csv", result.trials.to_csv(index=False))
     atomic_write_text(run_dir / "finalists.csv", result.finalists.to_csv(index=False))
     try:
