@@ -64,13 +64,18 @@ def test_tpe_plan_meets_the_budget_when_measured(setup, tmp_path):
     s = setup
     ev = accuracy_evaluator(s["test"], calib_loader=s["train"], bn_recalibration_batches=2,
                             max_batches=1)
-    budget = 0.7 * s["dense_ms"]
-    result = _search(s, tmp_path, evaluator=ev, n_trials=10, latency_budget_ms=budget)
+    # checked as a paired ratio against dense (what run_pipeline does with a fraction): an
+    # absolute budget in ms failed here when the VM ran 16% slower than during profiling
+    from autoprune.budget import Budget
+
+    result = _search(s, tmp_path, evaluator=ev, n_trials=10,
+                     latency_budget_ms=0.7 * s["dense_ms"],
+                     finalist_budget=Budget.of(budget_fraction=0.7))
     assert result.best_plan is not None, result.notes
     fin = result.finalists
     chosen = fin[fin["chosen"]]
     assert len(chosen) == 1
-    assert float(chosen["measured_latency_ms"].iloc[0]) <= budget
+    assert float(chosen["measured_ratio"].iloc[0]) <= 0.7
     assert float(result.best_trial["proxy"]) == float(chosen["proxy"].iloc[0])
     assert result.knee() is not None
     # every finalist that missed the budget is reported in the notes
@@ -79,7 +84,7 @@ def test_tpe_plan_meets_the_budget_when_measured(setup, tmp_path):
     # an independent re-measurement agrees (shared, noisy CPU: 20% tolerance)
     pruned = ap.apply_plan(s["model"], result.best_plan, s["x"]).eval()
     ratio, _ = s["backend"].measure_ratio(pruned, copy.deepcopy(s["model"]).eval(), s["x"])
-    assert ratio * result.dense_latency_ms <= 1.2 * budget
+    assert ratio <= 1.2 * 0.7
     # the proxy carries signal: the best plan is far above chance (10%)
     assert float(chosen["proxy"].iloc[0]) > 0.3
     # documented columns, one keep/structure column per group
