@@ -10,6 +10,9 @@ the methods are brought to the budget and fine-tuned with the same recipe
   held-out split of the training data (never the test set) after BatchNorm re-calibration;
 - ``autoprune_ftproxy``: the same, but the proxy first fine-tunes each candidate for
   ``--proxy-finetune-steps`` SGD steps (a proxy that still carries signal at hard budgets);
+- ``autoprune_refined``: two fidelities: the cheap proxy for every trial, then the 8 best
+  distinct feasible plans re-scored after ``--proxy-finetune-steps`` SGD steps
+  (``search(refine_evaluator=..., refine_top_k=8)``), the choice made among those;
 - ``autoprune_greedy`` / ``autoprune_random``: the same search with the ``greedy`` (knapsack on
   per-layer sensitivity) or ``random`` strategy and the same trial count;
 - ``uniform16``: the same keep ratio on every channel group, widths rounded to 16, the largest
@@ -29,6 +32,12 @@ MNIST-1D: 1,000 sequences).
     python benchmarks/bench_end_to_end.py --budgets 0.2 --epochs 1 --seeds 0,1,2   # hard regime
     python benchmarks/bench_end_to_end.py --data glyphs --size 64 --models resnet18 \
         --budgets 0.5,0.35,0.2 --epochs 1 --seeds 0,1,2 --out runs/bench_e2e_glyphs/results.csv
+    # the CPU-sized configuration of the same (2-vCPU VM, about an hour; BENCHMARKS.md):
+    python benchmarks/bench_end_to_end.py --data glyphs --size 32 --models resnet18 \
+        --methods autoprune,uniform_aligned,tp_global,tp_global_rounded --budgets 0.5,0.35,0.2 \
+        --epochs 1 --dense-epochs 8 --glyphs-train 8000 --seeds 0,1,2 --n-trials 24 \
+        --predictor-samples 24 --torch-threads 2 --work runs/bench_e2e_glyphs32 \
+        --out runs/bench_e2e_glyphs32/results.csv
 
 Rows are appended to the CSV as they finish (a rerun skips rows already there).
 """
@@ -50,16 +59,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 MODELS = ("resnet18", "mobilenet_v2", "conv1d")
-METHODS = ("autoprune", "autoprune_ftproxy", "autoprune_greedy", "autoprune_random",
+METHODS = ("autoprune", "autoprune_ftproxy", "autoprune_refined", "autoprune_greedy",
+           "autoprune_random",
            "uniform16", "uniform_aligned", "tp_global", "tp_global_rounded")
 #: the search strategy of each autoprune method
-STRATEGY = {"autoprune": "tpe", "autoprune_ftproxy": "tpe", "autoprune_greedy": "greedy",
-            "autoprune_random": "random"}
+STRATEGY = {"autoprune": "tpe", "autoprune_ftproxy": "tpe", "autoprune_refined": "tpe",
+            "autoprune_greedy": "greedy", "autoprune_random": "random"}
 #: classes of each image task
 N_CLASSES = {"digits": 10, "glyphs": 64}
 
 
 # --- data and dense models -------------------------------------------------------------------
+#: glyphs generation options set from the command line (``--glyphs-train``)
+GLYPHS: dict[str, Any] = {}
+
+
 def loaders(model_name: str, seed: int, size: int, data: str = "digits"
             ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """(train, search-holdout, test): the holdout is 20% of the training split."""
@@ -69,7 +83,7 @@ def loaders(model_name: str, seed: int, size: int, data: str = "digits"
         train, test = mnist1d_tensors(seed=0)
     elif data == "glyphs":
         train, test = glyphs_tensors(size=size, channels=3, n_classes=N_CLASSES["glyphs"],
-                                     seed=0)
+                                     seed=0, **GLYPHS)
     else:
         train, test = digits_tensors(size=size, channels=3, seed=0)
     n = len(train)
@@ -101,6 +115,8 @@ def dense_model(name: str, size: int, work: Path, epochs: int, device: str = "cp
     from autoprune.io import atomic_torch_save, safe_torch_load
 
     tag = "" if data == "digits" or name == "conv1d" else f"_{data}"
+    if data == "glyphs" and GLYPHS:
+        tag += "".join(f"_{k}{v}" for k, v in sorted(GLYPHS.items()))
     path = work / f"dense_{name}_{size}{tag}.pt"
     torch.manual_seed(0)
     model = make_model(name, data)
@@ -185,17 +201,57 @@ def macs_of(model: nn.Module, x: torch.Tensor) -> int:
 
 
 # --- autoprune ----------------------------------------------------------------------------------
+def search_with_fallbacks(run_search: Any, budget_ms: float) -> tuple[Any, str]:
+    """``run_search(latency_budget_ms, space_options, subdir)`` with the benchmark's fallbacks,
+    in order, until one does not raise ``InfeasibleBudgetError``:
+
+    1. the default space at ``budget_ms``;
+    2. narrower widths allowed (``min_keep_ratio=0.05``) at ``budget_ms``;
+    3. that space at 1.15x the predicted fastest plan (the predictor's floor can be pessimistic
+       for overhead-bound models: the measured paired ratio then decides).
+
+    Returns (SearchResult or None when all fail, a note on which fallback was taken)."""
+    import warnings
+
+    from autoprune.errors import InfeasibleBudgetError
+
+    attempts: list[tuple[dict[str, Any], float | None]] = [({}, None),
+                                                           ({"min_keep_ratio": 0.05}, None)]
+    note = ""
+    for i, (opts, floor_ms) in enumerate(attempts, start=1):  # attempts may grow in the loop
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = run_search(budget_ms if floor_ms is None else floor_ms, opts,
+                                    f"space{len(opts)}_{i}")
+        except InfeasibleBudgetError as e:
+            note = f" budget below the predicted fastest plan ({e.fastest_ms:.4g} ms);"
+            if opts and floor_ms is None:
+                attempts.append((opts, 1.15 * e.fastest_ms))
+            continue
+        if opts:
+            note += " searched with min_keep_ratio=0.05;"
+        if floor_ms is not None:
+            note += (f" searched at 1.15x the predicted floor ({floor_ms:.4g} ms), plans then "
+                     "selected by measured ratio;")
+        return result, note
+    return None, note + " below the fastest plan of the space: fastest plan taken"
+
+
 def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float,
                     hold: DataLoader, train: DataLoader, n_trials: int, seed: int,
                     cache: dict[str, Any], work: Path, name: str, spec: Any,
                     predictor_samples: int, proxy_steps: int = 0,
                     tag: str = "autoprune", tables_root: Path | None = None,
-                    train_device: str = "cpu", strategy: str = "tpe"
-                    ) -> tuple[nn.Module, Any, str]:
+                    train_device: str = "cpu", strategy: str = "tpe", refine_steps: int = 0,
+                    budget_rounds: int = 1) -> tuple[nn.Module, Any, str]:
     """The pipeline's ``budget_fraction`` mode: search at the anchored budget (predicted latency
     of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
     take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
-    so all methods face the same criterion). Table and predictor are built once per model."""
+    so all methods face the same criterion); with ``budget_rounds=2`` a chosen plan measured
+    under 95% of the budget triggers a second search at the budget scaled by measurement, as
+    ``SearchConfig(budget_rounds=2)`` does in the pipeline. Table and predictor are built once
+    per model."""
     from autoprune._search import search, select_finalists
     from autoprune.budget import Budget
     from autoprune.evaluators import accuracy_evaluator
@@ -203,7 +259,9 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     from autoprune.io import atomic_write_text
     from autoprune.latency._predictor import LatencyPredictor
     from autoprune.latency._profile import profile
+    from autoprune.pipeline._anchor import budget_use, keep_second, second_round_budget_ms
     from autoprune.plan import PruningPlan
+    from autoprune.space import SearchSpace
 
     if "predictor" not in cache:
         t0 = time.perf_counter()
@@ -234,57 +292,47 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
     budget_ms = (anchor.budget_ms if anchor is not None
                  else frac * float(predictor.predict(PruningPlan.dense(spec))))
     run_dir = work / f"search_{name}_{frac:g}_s{seed}" / tag
-    import warnings
-
-    from autoprune.errors import InfeasibleBudgetError
-    from autoprune.space import SearchSpace
-
     note = (f"budget anchored at uniform keep {anchor.keep_ratio:.3f} (measured ratio "
             f"{anchor.measured_ratio:.3f}, predicted {budget_ms:.4g} ms);" if anchor else "")
-    result = None
-    # the default space first; a budget below its predicted fastest plan retries with narrower
-    # widths allowed (min_keep_ratio 0.05), then searches just above the predicted floor and
-    # lets the measured paired ratio decide; only if all fail is the space's fastest plan taken
-    attempts: list[tuple[dict[str, Any], float | None]] = [
-        ({}, None), ({"min_keep_ratio": 0.05}, None)]
-    i = 0
-    while i < len(attempts):
-        space_options, floor_ms = attempts[i]
-        i += 1
-        search_ms = budget_ms if floor_ms is None else floor_ms
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = search(model, (x,), device=backend, latency_budget_ms=search_ms,
-                                evaluator=accuracy_evaluator(hold, calib_loader=train,
-                                                             finetune_steps=proxy_steps,
-                                                             device=train_device),
-                                n_trials=n_trials, strategy=strategy,
-                                table=cache["table"], predictor=predictor,
-                                run_dir=run_dir / f"space{len(space_options)}_{i}", seed=seed,
-                                progress=False, spec=spec, verify_finalists=False,
-                                space_options=space_options)
-            if space_options:
-                note += " searched with min_keep_ratio=0.05;"
-            if floor_ms is not None:
-                note += (f" searched at 1.15x the predicted floor ({floor_ms:.4g} ms), plans "
-                         "then selected by measured ratio;")
-            break
-        except InfeasibleBudgetError as e:
-            note = f"budget below the predicted fastest plan ({e.fastest_ms:.4g} ms);"
-            if space_options and floor_ms is None:
-                # the predictor's floor can be pessimistic for overhead-bound models: search
-                # just above it and let the measured paired ratio decide
-                attempts.append((space_options, 1.15 * e.fastest_ms))
+    evaluator = accuracy_evaluator(hold, calib_loader=train, finetune_steps=proxy_steps,
+                                   device=train_device)
+    refine = (accuracy_evaluator(hold, calib_loader=train, finetune_steps=refine_steps,
+                                 device=train_device) if refine_steps else None)
+    def run_search(trials: int, root: Path) -> Any:
+        return lambda ms, opts, sub: search(
+            model, (x,), device=backend, latency_budget_ms=ms, evaluator=evaluator,
+            n_trials=trials, strategy=strategy, table=cache["table"], predictor=predictor,
+            run_dir=root / sub, seed=seed, progress=False, spec=spec,
+            verify_finalists=False, space_options=opts, refine_evaluator=refine,
+            refine_top_k=8)
+
+    def finalists_of(res: Any) -> Any:
+        return select_finalists(res.trials, model, (x,), spec, backend,
+                                Budget.of(budget_fraction=frac), n_finalists=1,
+                                max_remeasure=8, proxy_tolerance=0.01)
+
+    result, why = search_with_fallbacks(run_search(n_trials, run_dir), budget_ms)
+    note += why
     if result is None:
         space = SearchSpace.from_spec(spec, cache["table"], backend, min_keep_ratio=0.05)
         plan = space.fastest_plan()
-        note += " below the fastest plan of the space: fastest plan taken"
         return apply_plan(model, plan, (x,), spec=spec), plan, note
-    fin = select_finalists(result.trials, model, (x,), spec, backend,
-                           Budget.of(budget_fraction=frac), n_finalists=1, max_remeasure=8,
-                           proxy_tolerance=0.01)
+    fin = finalists_of(result)
     result = result.with_finalists(fin)
+    use = budget_use(fin.table, Budget.of(budget_fraction=frac))
+    second_ms = second_round_budget_ms(budget_ms, use) if budget_rounds > 1 else None
+    if second_ms is not None:  # the pipeline's closed loop on the measured budget use
+        second, _ = search_with_fallbacks(run_search(max(1, n_trials // 2), run_dir / "round2"),
+                                          second_ms)
+        fin2 = finalists_of(second) if second is not None else None
+        if fin2 is not None:
+            atomic_write_text(run_dir / "round2" / "finalists_measured.csv",
+                              fin2.table.to_csv(index=False))
+        kept = fin2 is not None and keep_second(fin.table, fin2.table)
+        note += (f" first choice used {use:.0%} of the budget: second search at "
+                 f"{second_ms:.4g} ms {'kept' if kept else 'not kept'};")
+        if kept:
+            fin, result = fin2, second.with_finalists(fin2)
     atomic_write_text(run_dir / "finalists.csv", result.finalists.to_csv(index=False))
     plan = fin.chosen
     if plan is None and len(result.finalists):  # none met the budget: the fastest measured
@@ -304,7 +352,9 @@ def run(args: argparse.Namespace) -> None:
     from autoprune._finetune import evaluate_accuracy, finetune
     from autoprune.backends import get_backend
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.torch_threads)
+    if args.glyphs_train:
+        GLYPHS["n_train"] = args.glyphs_train
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -344,11 +394,13 @@ def run(args: argparse.Namespace) -> None:
                     plan_note = ""
                     if method in STRATEGY:
                         steps = args.proxy_finetune_steps if method == "autoprune_ftproxy" else 0
+                        rsteps = (args.proxy_finetune_steps if method == "autoprune_refined"
+                                  else 0)
                         pruned, plan, note = autoprune_model(
                             dense, x, backend, frac, hold, train, args.n_trials, seed, cache,
                             work, name, spec, args.predictor_samples, steps, method,
                             Path(args.tables_root) if args.tables_root else None,
-                            args.train_device, STRATEGY[method])
+                            args.train_device, STRATEGY[method], rsteps, args.budget_rounds)
                         ratio, iqr = paired(backend, pruned, dense, x)
                         plan_note = (note + " " if note else "") + plan.to_json(indent=None)
                     elif method == "uniform16":
@@ -454,10 +506,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bisect-iters", type=int, default=6)
     p.add_argument("--predictor-samples", type=int, default=40)
     p.add_argument("--proxy-finetune-steps", type=int, default=30,
-                   help="SGD steps per trial in the accuracy proxy of method autoprune_ftproxy")
+                   help="SGD steps per trial in the accuracy proxy of autoprune_ftproxy (and "
+                        "per refined plan of autoprune_refined)")
     p.add_argument("--train-device", default="cpu",
                    help="where dense training, fine-tuning and the search proxy run (latency is "
                         "always ONNX Runtime CPU, 1 thread)")
+    p.add_argument("--budget-rounds", type=int, default=1,
+                   help="autoprune methods: 2 = search again when the choice measures under "
+                        "95%% of the budget (SearchConfig(budget_rounds=2)), 1 = one search "
+                        "(the pipeline's default)")
+    p.add_argument("--glyphs-train", type=int, default=0,
+                   help="training images of the glyphs task (0: its default, 10,000)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="threads of training and fine-tuning on the CPU (latency is always "
+                        "measured with 1 ONNX Runtime thread; 1 when streams share a machine)")
     p.add_argument("--tables-root", default="latency_tables",
                    help="latency tables root (the shipped tables; a new CPU gets its own "
                         "directory there); empty for WORK/latency_tables")

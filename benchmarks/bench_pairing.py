@@ -13,6 +13,13 @@ per model per pair, the protocol before 2026-11-22's fix).
 time on its k-th consecutive run after the dense model, after a sleep or a busy-wait instead
 of the dense model, paired ratios for several settle times, a long continuous series, and the
 per-call spread of ``ratio_protocol`` after a pre-warm of alternating runs.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_pairing.py --settle-sweep 3,10,30 --keep 0.67
+
+``--settle-sweep`` calls the backend's ``measure_ratio`` ``--repeats`` times per settle time
+(the settle times interleaved, so drift lands on all alike) and prints, per settle time, the
+median over calls, the spread between calls (what a choice made on one call can be off by)
+and the seconds per call, beside the ratio of standalone medians taken between the calls.
 """
 
 from __future__ import annotations
@@ -83,6 +90,33 @@ def explore(small, big, repeats: int = 60) -> None:
         print(f"pre-warm {pre_ms} ms, ratio_protocol per call (relative IQR):", ", ".join(out))
 
 
+def settle_sweep(be, pruned, dense, x, settles: list[float], repeats: int, small, big) -> None:
+    from dataclasses import replace
+
+    base = be.protocol
+    got: dict[float, list[float]] = {s: [] for s in settles}
+    secs: dict[float, list[float]] = {s: [] for s in settles}
+    alone = []
+    for i in range(repeats):
+        for s in settles[i % len(settles):] + settles[:i % len(settles)]:
+            be.protocol = replace(base, settle_ms=s)
+            t0 = time.perf_counter()
+            got[s].append(float(be.measure_ratio(pruned, dense, (x,))[0]))
+            secs[s].append(time.perf_counter() - t0)
+        a = statistics.median([small() for _ in range(60)])
+        alone.append(a / statistics.median([big() for _ in range(30)]))
+    be.protocol = base
+    print(f"standalone ratio (median of {repeats}): {statistics.median(alone):.3f} "
+          f"(range {min(alone):.3f}-{max(alone):.3f})")
+    print("| settle ms | calls | median ratio | min-max over calls | spread / median | s per call |")
+    print("|---|---|---|---|---|---|")
+    for s in settles:
+        v = got[s]
+        m = statistics.median(v)
+        print(f"| {s:g} | {len(v)} | {m:.3f} | {min(v):.3f}-{max(v):.3f} | "
+              f"{(max(v) - min(v)) / m:.0%} | {statistics.median(secs[s]):.1f} |")
+
+
 def main() -> None:
     ap_ = argparse.ArgumentParser()
     ap_.add_argument("--model", default="resnet18")
@@ -90,6 +124,8 @@ def main() -> None:
     ap_.add_argument("--repeats", type=int, default=5)
     ap_.add_argument("--runs", type=int, default=40)
     ap_.add_argument("--explore", action="store_true")
+    ap_.add_argument("--settle-sweep", default="",
+                     help="comma-separated settle times (ms): spread of measure_ratio calls")
     args = ap_.parse_args()
     torch.manual_seed(0)
     dense = zoo.torchvision_model(args.model, num_classes=10).eval()
@@ -98,6 +134,11 @@ def main() -> None:
     pruned = ap.apply_plan(dense, ap.PruningPlan.uniform(spec, args.keep, alignment=16), x)
     be = ap.get_backend("onnxruntime-cpu", threads=1)
     small, big = be._timer_for_model(pruned, (x,)), be._timer_for_model(dense, (x,))
+    if args.settle_sweep:
+        print(f"{args.model} 1x3x32x32, uniform keep {args.keep} (alignment 16), ORT CPU 1 thread")
+        settle_sweep(be, pruned, dense, x, [float(v) for v in args.settle_sweep.split(",")],
+                     args.repeats, small, big)
+        return
     if args.explore:
         print(f"{args.model} 1x3x32x32, uniform keep {args.keep} (alignment 16), ORT CPU 1 thread")
         explore(small, big)
