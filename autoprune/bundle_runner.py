@@ -319,7 +319,7 @@ def median_rel_se(times_ms: Sequence[float]) -> float:
 def _warm_up(call: Callable[[], object], runs: int, budget_s: float) -> None:
     """``runs`` untimed calls, stopping early (after at least one) once ``budget_s`` is spent."""
     t0 = time.perf_counter()
-    for j in range(max(0, int(runs))):
+    for _ in range(max(0, int(runs))):
         call()
         if time.perf_counter() - t0 >= budget_s:
             break

@@ -460,11 +460,13 @@ def summarize(paths: list[Path]) -> str:
 
         rows.append(
             f"| {model} | {frac:.2f} | {epochs} | {method} | {len(g)} | {ms('acc', 100)} "
+            f"| {g['ratio_at_selection'].mean():.3f} "
             f"| {ms('ratio', 1, '{:.3f}')} (IQR {g['ratio_iqr'].median():.3f}) "
             f"| {ms('speedup')} | {ms('mac_reduction')} | {int(g['meets_budget'].sum())}/{len(g)} |"
         )
-    head = ("| model | budget (× dense) | ft epochs | method | seeds | accuracy % | measured ratio "
-            "| speed-up | MAC reduction | within budget |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | budget (× dense) | ft epochs | method | seeds | accuracy % "
+            "| ratio at selection (mean) | measured ratio after fine-tuning "
+            "| speed-up | MAC reduction | within budget |\n|---|---|---|---|---|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows)
 
 
@@ -526,13 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/bench_e2e")
     p.add_argument("--out", default="runs/bench_e2e/results.csv")
     p.add_argument("--summarize", action="store_true", help="print the markdown table and exit")
+    p.add_argument("--vs", default="autoprune",
+                   help="with --summarize: the method the paired table compares to the others")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.summarize:
         paths = [Path(p) for p in args.out.split(",")]
         print(summarize(paths))
         print()
-        print(paired_summary(paths))
+        print(paired_summary(paths, args.vs))
         return 0
     run(args)
     print(summarize([Path(args.out)]))

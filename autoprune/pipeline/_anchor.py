@@ -93,18 +93,21 @@ MIN_BUDGET_USE = 0.95
 MAX_BUDGET_SCALE = 1.5
 
 
+def _chosen(finalists: pd.DataFrame, column: str) -> float:
+    """``column`` of the chosen finalist (NaN when none was chosen)."""
+    if finalists.empty or "chosen" not in finalists:
+        return float("nan")
+    rows = finalists[finalists["chosen"].astype(bool)]
+    return float("nan") if rows.empty else float(rows[column].iloc[0])
+
+
 def budget_use(finalists: pd.DataFrame, budget: Budget) -> float:
     """The share of ``budget`` the chosen finalist measured at: its paired ratio over the
     fraction less headroom (``Budget.target_ratio``), or its measured ms over the budget in ms
     (checked as given). NaN when nothing was chosen by measurement."""
-    if finalists.empty or "chosen" not in finalists:
-        return float("nan")
-    rows = finalists[finalists["chosen"].astype(bool)]
-    if rows.empty:
-        return float("nan")
     if budget.fraction is not None:
-        return float(rows["measured_ratio"].iloc[0]) / budget.target_ratio()
-    return float(rows["measured_latency_ms"].iloc[0]) / float(budget.ms)  # type: ignore[arg-type]
+        return _chosen(finalists, "measured_ratio") / budget.target_ratio()
+    return _chosen(finalists, "measured_latency_ms") / float(budget.ms)  # type: ignore[arg-type]
 
 
 def second_round_budget_ms(search_budget_ms: float, use: float,
@@ -119,19 +122,11 @@ def second_round_budget_ms(search_budget_ms: float, use: float,
     return float(search_budget_ms) * min(1.0 / use, max_scale)
 
 
-def chosen_proxy(finalists: pd.DataFrame) -> float:
-    """The proxy of the chosen finalist (NaN when none was chosen)."""
-    if finalists.empty or "chosen" not in finalists:
-        return float("nan")
-    rows = finalists[finalists["chosen"].astype(bool)]
-    return float("nan") if rows.empty else float(rows["proxy"].iloc[0])
-
-
 def keep_second(first: pd.DataFrame, second: pd.DataFrame) -> bool:
     """Whether the second search's choice replaces the first's: it met the budget by
     measurement and its proxy is at least the first's (the same evaluator scored both)."""
-    p2 = chosen_proxy(second)
+    p2 = _chosen(second, "proxy")
     if not math.isfinite(p2):
         return False
-    p1 = chosen_proxy(first)
+    p1 = _chosen(first, "proxy")
     return not math.isfinite(p1) or p2 >= p1
