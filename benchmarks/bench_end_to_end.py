@@ -492,6 +492,48 @@ def paired_summary(paths: list[Path], method: str = "autoprune") -> str:
     return head + "\n" + "\n".join(rows)
 
 
+def plot(paths: list[Path], png: Path) -> Path:
+    """Accuracy after fine-tuning against measured latency (ratio to dense, paired), one
+    panel per model and fine-tune length, one marker per method (mean over seeds, bars: the
+    seeds' standard deviation on both axes); dashed lines mark the budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from autoprune.io import atomic_write_bytes
+
+    df = pd.concat([pd.read_csv(p) for p in paths if p.exists()], ignore_index=True)
+    panels = sorted(df.groupby(["model", "epochs"]).groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    markers = dict(zip(sorted(df["method"].unique()), "osD^v<>ph*"))
+    for ax, (model, epochs) in zip(axes[0], panels):
+        g = df[(df["model"] == model) & (df["epochs"] == epochs)]
+        for frac in sorted(g["budget_fraction"].unique()):
+            ax.axvline(frac, color="0.7", ls="--", lw=0.8)
+        for method, gm in g.groupby("method"):
+            stats = gm.groupby("budget_fraction").agg(
+                x=("ratio", "mean"), xe=("ratio", "std"), y=("acc", "mean"), ye=("acc", "std"))
+            ax.errorbar(stats["x"], 100 * stats["y"], xerr=stats["xe"].fillna(0),
+                        yerr=100 * stats["ye"].fillna(0), marker=markers[method], ls="-",
+                        lw=0.8, capsize=2, label=method)
+        task = f"{g['data'].iloc[0]}, " if "data" in g else ""  # older CSVs: no column
+        dense = 100 * g["acc_dense"].mean()
+        ax.axhline(dense, color="k", lw=0.8, ls=":", label=f"dense {dense:.1f}%")
+        ax.set(xlabel="measured latency / dense (paired, after fine-tuning)",
+               ylabel="test accuracy %", title=f"{model}, {task}"
+               f"{epochs}-epoch fine-tune, {g['seed'].nunique()} seed(s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(png, buf.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -528,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/bench_e2e")
     p.add_argument("--out", default="runs/bench_e2e/results.csv")
     p.add_argument("--summarize", action="store_true", help="print the markdown table and exit")
+    p.add_argument("--plot", default="",
+                   help="with --summarize: also write accuracy vs measured latency to this PNG")
     p.add_argument("--vs", default="autoprune",
                    help="with --summarize: the method the paired table compares to the others")
     args = p.parse_args(argv)
@@ -537,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summarize(paths))
         print()
         print(paired_summary(paths, args.vs))
+        if args.plot:
+            print(f"plot: {plot(paths, Path(args.plot))}")
         return 0
     run(args)
     print(summarize([Path(args.out)]))

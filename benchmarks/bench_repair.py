@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -63,14 +64,24 @@ def loaders(data: str, size: int) -> tuple[DataLoader, DataLoader]:
             DataLoader(test, batch_size=64))
 
 
-def dense_model(name: str, train: DataLoader, epochs: int, num_classes: int) -> nn.Module:
+def dense_model(name: str, train: DataLoader, epochs: int, num_classes: int,
+                cache_file: Path | None = None) -> nn.Module:
+    """The family trained here for ``epochs``; its weights are kept in ``cache_file`` (when
+    given) so that a resumed run times and fine-tunes the same dense model."""
     import autoprune as ap
+    from autoprune.io import atomic_write_bytes
     from autoprune.zoo import torchvision_model
 
     torch.manual_seed(0)
     model = torchvision_model(name, num_classes=num_classes)
-    if epochs > 0:
+    if cache_file is not None and cache_file.exists():
+        model.load_state_dict(torch.load(cache_file, weights_only=True))
+    elif epochs > 0:
         ap.finetune(model, train, epochs=epochs, lr=0.05, seed=0, progress=False)
+        if cache_file is not None:
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            atomic_write_bytes(cache_file, buf.getvalue())
     return model.eval()
 
 
@@ -115,7 +126,10 @@ def run_one(name: str, kind: str, args: argparse.Namespace, backend: Any,
     train, test = cache["loaders"] if "loaders" in cache else cache.setdefault(
         "loaders", loaders(args.data, args.train_size))
     if name not in cache:
-        cache[name] = dense_model(name, train, args.pretrain_epochs, N_CLASSES[args.data])
+        weights = Path(args.out).parent / (
+            f"dense_{name}_{args.data}{args.train_size}_e{args.pretrain_epochs}.pt")
+        cache[name] = dense_model(name, train, args.pretrain_epochs, N_CLASSES[args.data],
+                                  weights if args.pretrain_epochs > 0 else None)
     dense = cache[name]
     pruned = tp_global(dense, x, args.ratio) if kind == "tp_global" else \
         uniform(dense, x, args.uniform_keep)
@@ -156,13 +170,16 @@ def main() -> None:
     p.add_argument("--uniform-keep", type=float, default=0.7)
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2, help="fine-tune epochs after pruning")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (latency)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads for training and fine-tuning (default: --threads); "
+                        "latency is timed by ONNX Runtime with --threads either way")
     p.add_argument("--out", default="runs/bench_repair/results.csv")
     args = p.parse_args()
 
     import autoprune as ap
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads or args.threads)
     backend = ap.get_backend("onnxruntime-cpu", threads=args.threads)
     out = Path(args.out)
     done = pd.read_csv(out) if out.exists() else pd.DataFrame(columns=["model", "kind", "size"])
