@@ -15,10 +15,24 @@ from autoprune.errors import InvalidInputError
 from autoprune.io import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from autoprune._diagnose import DiagnosisReport
     from autoprune._search import SearchResult
 
-__all__ = ["plot_layer_latency", "plot_search_front"]
+__all__ = ["plot_layer_latency", "plot_search_front", "save_png"]
+
+
+def save_png(fig: Figure, path: str | Path, dpi: float | None = None) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG atomically (a reader never sees half a
+    file) and close it. Returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def plot_search_front(result: SearchResult, path: str | Path | None = None) -> Path:
@@ -84,11 +98,7 @@ def plot_search_front(result: SearchResult, path: str | Path | None = None) -> P
                  fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_png(fig, path)
 
 
 def plot_layer_latency(report: DiagnosisReport, path: str | Path) -> Path:
@@ -123,8 +133,4 @@ def plot_layer_latency(report: DiagnosisReport, path: str | Path) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return save_png(fig, path)

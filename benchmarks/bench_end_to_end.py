@@ -501,7 +501,7 @@ def plot(paths: list[Path], png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from autoprune.io import atomic_write_bytes
+    from autoprune.visualization import save_png
 
     df = pd.concat([pd.read_csv(p) for p in paths if p.exists()], ignore_index=True)
     panels = sorted(df.groupby(["model", "epochs"]).groups)
@@ -525,13 +525,7 @@ def plot(paths: list[Path], png: Path) -> Path:
                f"{epochs}-epoch fine-tune, {g['seed'].nunique()} seed(s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(png, buf.getvalue())
+    return save_png(fig, png, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

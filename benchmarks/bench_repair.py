@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -70,13 +69,13 @@ def dense_model(name: str, train: DataLoader, epochs: int, num_classes: int,
     """The family trained here for ``epochs``; its weights are kept in ``cache_file`` (when
     given) so that a resumed run times and fine-tunes the same dense model."""
     import autoprune as ap
-    from autoprune.io import atomic_write_bytes
+    from autoprune.io import atomic_torch_save, safe_torch_load
     from autoprune.zoo import torchvision_model
 
     torch.manual_seed(0)
     model = torchvision_model(name, num_classes=num_classes)
     if cache_file is not None and cache_file.exists():
-        model.load_state_dict(torch.load(cache_file, weights_only=True))
+        model.load_state_dict(safe_torch_load(cache_file))
     elif epochs > 0:
         # SGD at lr 0.05 trains resnet18 and mobilenet_v2 here in 4 epochs; efficientnet_b0
         # stays at chance with it (2.25% after 4 epochs) and is trained with AdamW instead
@@ -84,9 +83,7 @@ def dense_model(name: str, train: DataLoader, epochs: int, num_classes: int,
         ap.finetune(model, train, epochs=epochs, lr=lr, weight_decay=wd,
                     optimizer=optimizer, seed=0, progress=False)  # type: ignore[arg-type]
         if cache_file is not None:
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            atomic_write_bytes(cache_file, buf.getvalue())
+            atomic_torch_save(model.state_dict(), cache_file)
     return model.eval()
 
 
