@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from autoprune.errors import SearchSpaceError
 from autoprune.plan import GroupPlan, PruningPlan
-from autoprune.types import ModelSpec, PrunableGroup, Structure, keep_units
+from autoprune.types import ModelSpec, OpKind, PrunableGroup, Structure, keep_units
 
 if TYPE_CHECKING:
     import optuna
@@ -167,6 +167,8 @@ class SearchSpace:
         }
         _validate_options(options, spec)
         align = _resolve_alignment(alignment, table)
+        rules = getattr(table, "kernel_rules", None) if table is not None else None
+        group_step = int(getattr(rules, "group_step", 1) or 1) if alignment == "auto" else 1
         wanted = set(_structures(structures, "structures"))
         if allow_unstructured == "auto":
             allow_unstr = bool(backend is not None and _accelerates(backend, Structure.UNSTRUCTURED))
@@ -202,6 +204,10 @@ class SearchSpace:
             hi_ratio = float(over.get("max_keep_ratio", 1.0))
             lo_units = max(int(over.get("min_units", min_units)), g.min_units)
             widths = _width_grid(g.units, g_align, lo_ratio, hi_ratio, lo_units, max_grid)
+            step = group_step if "alignment" not in over and _feeds_grouped_conv(spec, g) else 1
+            if step > 1:  # per-group widths off the device's grouped-conv step run slower
+                widths = tuple(w for w in widths if w % step == 0 or w == g.units) or (g.units,)
+                g_align = step
             if not any(s in offered for s in (Structure.CHANNEL, Structure.UNSTRUCTURED)):
                 widths = (g.units,)  # no width to choose; nm alone gets "none" as its other choice
                 if offered:
@@ -550,6 +556,17 @@ def _resolve_alignment(alignment: int | str, table: Any | None) -> int:
         return int(alignment)
     a = getattr(table, "alignment", None) if table is not None else None
     return int(a) if isinstance(a, int) and a >= 1 else 1
+
+
+def _feeds_grouped_conv(spec: ModelSpec, g: PrunableGroup) -> bool:
+    """Whether a group's units are per-group widths of a grouped (not depthwise) 2-D conv."""
+    if g.unit_size <= 1:
+        return False
+    for name in (*g.producers, *g.members):
+        lay = spec.layers.get(name)
+        if lay is not None and lay.spec.op == OpKind.CONV2D and lay.spec.groups > 1:
+            return True
+    return False
 
 
 def _accelerates(backend: Any, structure: Structure) -> bool:

@@ -93,8 +93,8 @@ def test_every_model_on_one_device_gets_the_same_alignment(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Regime-aware table pricing
 # ------------------------------------------------------------------------------------------
-def _regime_table():
-    device = _device()
+def _regime_table(**kw):
+    device = _device(**kw)
     rules = rules_from_sweep(range(40, 81), *(
         [device.layer_cost_ms(s) for s, _, _ in items]
         for items in _sweep_parts()))
@@ -149,6 +149,76 @@ def test_widths_straddling_a_regime_boundary_are_priced_on_the_right_side():
     assert plain.lookup(conv2d(61, 64, 14), policy="interpolate") <= \
         plain.lookup(conv2d(64, 64, 14))
     assert grouped > 1.2 * plain.lookup(s, policy="interpolate")  # nor the per-group rule
+
+
+def test_input_widths_on_the_step_are_priced_at_their_padded_block():
+    """An AVX-512 Xeon (BENCHMARKS.md "Kernel rules"): inputs on the step of 4 still cost the
+    vector block of 16 they are padded to (52 in costs what 64 in costs); off the step (61) they
+    run the plain kernel at their own width. A device with blocks of 16 here."""
+    device, table = _regime_table(alignment=16, in_block=16)
+    rules = table.kernel_rules
+    assert (rules.out_step, rules.in_step, rules.in_block) == (16, 4, 16)
+    assert rules.alignment == 16 and not rules.is_fast_width(52)
+
+    def price(ci):
+        return table.lookup(conv2d(ci, 64, 14), policy="interpolate")
+
+    truth = {ci: device.layer_cost_ms(conv2d(ci, 64, 14)) for ci in (52, 60, 61, 64)}
+    assert truth[52] == pytest.approx(truth[64]) and truth[61] > truth[64]
+    for ci, want in truth.items():  # a table grid of 16, 32, 64, 96 and the rules
+        assert price(ci) == pytest.approx(want, rel=0.05), ci
+    # without the block (rules fitted before it existed) 52 is interpolated, 20% too cheap
+    flat = ap.LatencyTable(table.device, alignment=16)
+    flat.kernel_rules = KernelRules(out_step=16, in_step=4, in_penalty=rules.in_penalty)
+    for e in table:
+        flat.add(e.spec, e.structure, e.density, e.sample)
+    assert flat.lookup(conv2d(52, 64, 14), policy="interpolate") < 0.9 * truth[52]
+
+
+def test_rules_stored_before_the_block_are_refitted_from_their_sweep():
+    device, table = _regime_table(alignment=16, in_block=16)
+    old = table.kernel_rules.to_dict()
+    del old["in_block"]
+    assert KernelRules.from_dict(old) == table.kernel_rules
+    no_sweep = {k: v for k, v in old.items() if k != "sweep"}
+    assert KernelRules.from_dict(no_sweep).in_block == 1
+
+
+def test_grouped_convs_follow_their_own_per_group_step(tmp_path):
+    """The AVX-512 Xeon (BENCHMARKS.md "Kernel rules"): a grouped conv runs the blocked kernel
+    only when its per-group width is a multiple of the 16-float block (12 per group is on the
+    input step of 4, yet slow), as ONNX Runtime's NCHWc transformer requires. Detected by its
+    own sweep; the search space then offers RegNet's group-width-16 groups only 16."""
+    import torch
+
+    from autoprune import zoo
+    from autoprune.space import SearchSpace
+
+    device = CountingSynthetic(protocol=ProtocolSettings.quick(),
+                               **{**REGIMES, "alignment": 16, "group_step": 16,
+                                  "group_penalty": 2.0})
+    rules = cached_kernel_rules(device, cache=tmp_path)
+    assert (rules.in_step, rules.group_step) == (4, 16)
+    assert rules.group_penalty == pytest.approx(2.0, rel=0.05)
+    assert rules.off_fast_path(conv2d(96, 96, 14, groups=8))  # 12 per group
+    assert not rules.off_fast_path(conv2d(128, 128, 14, groups=8))
+    assert rules.off_fast_path(conv2d(96, 128, 14, groups=8))  # the output side counts too
+
+    model = zoo.torchvision_model("regnet_x_400mf", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    spec = ap.analyze(model, x)
+    table = ap.profile(model, x, device, spec=spec, root=tmp_path / "t", progress=False,
+                       max_entries=0)
+    space = SearchSpace.from_spec(spec, table)
+    grouped = [c for g, c in space.groups.items() if spec.groups[g].unit_size > 1]
+    assert grouped and all(c.widths == (16,) for c in grouped)
+    # a table whose rules apply the input step per group (rules cached before the sweep)
+    table.kernel_rules = KernelRules.from_dict({"out_step": 16, "in_step": 4, "in_penalty": 1.3,
+                                                "dw_step": 1, "dw_penalty": 1.0, "in_block": 1})
+    assert table.kernel_rules.group_step == 4
+    space4 = SearchSpace.from_spec(spec, table)
+    assert all(set(space4.groups[c.name].widths) <= {4, 8, 12, 16} for c in grouped)
+    assert any(len(space4.groups[c.name].widths) > 1 for c in grouped)
 
 
 # ------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _steps(rules: Any, spec: LayerSpec) -> tuple[int, int]:
         s = math.lcm(rules.out_step, rules.dw_step)
         return s, s
     if spec.op == OpKind.CONV2D and spec.groups == 1:
-        return rules.in_step, rules.out_step
+        return math.lcm(rules.in_step, rules.in_block), rules.out_step
     return 1, rules.out_step
 
 
@@ -145,7 +145,8 @@ def layer_rows(ctx: Context) -> list[dict[str, Any]]:
         before, pl = lay.spec, after[name]
         sp = pl.spec
         si, so = _steps(rules, sp)
-        in_fast = rules.effective(sp)[2] <= 1.0
+        in_fast = rules.effective(sp)[2] <= 1.0 and (  # no slow path, no block padding
+            sp.op != OpKind.CONV2D or sp.groups > 1 or sp.in_channels % si == 0)
         out_fast = so <= 1 or sp.out_channels % so == 0
         pruned_in = sp.in_channels != before.in_channels
         pruned_out = sp.out_channels != before.out_channels

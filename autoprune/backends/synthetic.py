@@ -10,7 +10,11 @@ like ONNX Runtime on an AVX-512 CPU::
 (nm layers cost ``nm_speedup`` times the dense MAC term when ``accelerate_nm``). Kernel
 regimes like ONNX Runtime's on an AVX2 CPU: a 2-D conv whose input channels (per group, for a
 grouped conv) are off a multiple of ``in_step`` costs ``in_penalty`` times more, a depthwise conv whose channels are
-off a multiple of ``dw_step`` ``dw_penalty`` times more (defaults 1: no regimes).
+off a multiple of ``dw_step`` ``dw_penalty`` times more (defaults 1: no regimes); input channels
+*on* the step are counted rounded up to ``in_block`` (the vector block ONNX Runtime pads them to
+on the fast path; default 1: no padding); a grouped conv whose per-group input or output width
+is off a multiple of ``group_step`` costs ``group_penalty`` times more (default 0: the input
+rule per group).
 
 A whole model costs the sum of its layers (found by ``autoprune.analyze``; masked layers use
 their mask's structure and density) plus a nonlinear whole-model term: ``model_overhead_ms`` +
@@ -66,6 +70,9 @@ class SyntheticBackend(Backend):
         in_penalty: float = 1.0,
         dw_step: int = 1,
         dw_penalty: float = 1.0,
+        in_block: int = 1,
+        group_step: int = 0,
+        group_penalty: float = 1.0,
         protocol: ProtocolSettings | None = None,
     ) -> None:
         super().__init__(protocol)
@@ -83,6 +90,8 @@ class SyntheticBackend(Backend):
         self.cache_penalty_ms_per_mb = cache_penalty_ms_per_mb
         self.in_step, self.in_penalty = in_step, in_penalty
         self.dw_step, self.dw_penalty = dw_step, dw_penalty
+        self.in_block = in_block
+        self.group_step, self.group_penalty = group_step, group_penalty
         if not isinstance(alignment, int) or alignment < 1:
             raise InvalidInputError(f"alignment={alignment!r}; use an integer >= 1")
         if noise < 0:
@@ -107,6 +116,10 @@ class SyntheticBackend(Backend):
         if (self.in_step, self.in_penalty, self.dw_step, self.dw_penalty) != (1, 1.0, 1, 1.0):
             opts.update(in_step=self.in_step, in_penalty=self.in_penalty, dw_step=self.dw_step,
                         dw_penalty=self.dw_penalty)
+        if self.in_block != 1:
+            opts["in_block"] = self.in_block
+        if self.group_step:
+            opts.update(group_step=self.group_step, group_penalty=self.group_penalty)
         return DeviceInfo(
             backend=self.name,
             device_name=f"synthetic staircase {self.alignment}",
@@ -136,6 +149,10 @@ class SyntheticBackend(Backend):
         out_eff = int(math.ceil(spec.out_channels / a) * a)
         if spec.op.is_depthwise:
             eff = spec.with_channels(out_eff, out_eff)
+        elif spec.op == OpKind.CONV2D and spec.groups == 1 and self.in_block > 1 \
+                and spec.in_channels > self.in_step and spec.in_channels % self.in_step == 0:
+            eff = spec.with_channels(int(math.ceil(spec.in_channels / self.in_block)
+                                         * self.in_block), out_eff)
         else:
             eff = spec.with_channels(spec.in_channels, out_eff)
         mac_ms = self.ns_per_mac * 1e-6 * eff.macs
@@ -144,9 +161,12 @@ class SyntheticBackend(Backend):
         cost = self.layer_overhead_ms + mac_ms + self.ns_per_elem * 1e-6 * eff.activation_elems
         if spec.op == OpKind.DWCONV2D and spec.out_channels % self.dw_step:
             cost *= self.dw_penalty
+        elif spec.op == OpKind.CONV2D and spec.groups > 1:  # grouped: per-group widths
+            step = self.group_step or self.in_step
+            if (spec.in_channels // spec.groups) % step or (spec.out_channels // spec.groups) % step:
+                cost *= self.group_penalty if self.group_step else self.in_penalty
         elif spec.op == OpKind.CONV2D:
-            per_group = spec.in_channels // max(1, spec.groups)  # grouped: the rule per group
-            if per_group > self.in_step and per_group % self.in_step:
+            if spec.in_channels > self.in_step and spec.in_channels % self.in_step:
                 cost *= self.in_penalty
         return cost
 

@@ -19,6 +19,7 @@ from autoprune.latency._profile import profile
 from autoprune.latency._regressors import Regressor
 from autoprune.latency._report import accuracy_metrics
 from autoprune.latency._rules import (
+    GROUP_SWEEP_WIDTHS,
     SWEEP_WIDTHS,
     KernelRules,
     cached_kernel_rules,
@@ -28,6 +29,6 @@ from autoprune.latency._rules import (
 )
 from autoprune.latency._table import LatencyTable
 
-__all__ = ["SWEEP_WIDTHS", "KernelRules", "LatencyPredictor", "LatencyTable", "Regressor",
-           "accuracy_metrics", "cached_kernel_rules", "detect_kernel_rules", "profile",
+__all__ = ["GROUP_SWEEP_WIDTHS", "SWEEP_WIDTHS", "KernelRules", "LatencyPredictor",
+           "LatencyTable", "Regressor", "accuracy_metrics", "cached_kernel_rules", "detect_kernel_rules", "profile",
            "rules_from_sweep", "sweep_layers"]

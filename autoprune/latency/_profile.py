@@ -194,7 +194,8 @@ def enumerate_items(
 
 def _off_path_pairs(spec: LayerSpec, ins: list[int], outs: list[int],
                     rules: KernelRules | None) -> list[tuple[int, int]]:
-    """(in, out) widths one channel below each grid width (but the smallest) of a prunable
+    """(in, out) widths one channel below each grid width (but the smallest; for a grouped
+    conv one channel per group below every grid width on its per-group step) of a prunable
     axis that a kernel rule applies to: those widths are off the fast path, and the table
     interpolates the layer's own slow-path factor between them."""
     if rules is None:
@@ -205,11 +206,11 @@ def _off_path_pairs(spec: LayerSpec, ins: list[int], outs: list[int],
     if spec.op == OpKind.CONV2D and spec.groups == 1 and rules.in_step > 1 and len(ins) > 1:
         co = outs[len(outs) // 2]
         return [(ci - 1, co) for ci in ins[1:] if ci > rules.in_step and ci % rules.in_step == 0]
-    if spec.op == OpKind.CONV2D and spec.groups > 1 and rules.in_step > 1 and len(ins) > 1:
+    if spec.op == OpKind.CONV2D and spec.groups > 1 and rules.group_step > 1 and ins:
         g = spec.groups  # one channel less per group: the per-group width leaves the step
         out = []
-        for ci, co in zip(ins[1:], outs[1:] if len(outs) == len(ins) else [outs[-1]] * len(ins)):
-            if ci % g or co % g or (ci // g) <= rules.in_step or (ci // g) % rules.in_step:
+        for ci, co in zip(ins, outs if len(outs) == len(ins) else [outs[-1]] * len(ins)):
+            if ci % g or co % g or (ci // g) <= 1 or not rules.fast_group_width(ci // g):
                 continue
             out.append((ci - g, co - g if co == ci else co))
         return out
