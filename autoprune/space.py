@@ -204,7 +204,7 @@ class SearchSpace:
             hi_ratio = float(over.get("max_keep_ratio", 1.0))
             lo_units = max(int(over.get("min_units", min_units)), g.min_units)
             widths = _width_grid(g.units, g_align, lo_ratio, hi_ratio, lo_units, max_grid)
-            step = group_step if "alignment" not in over and _feeds_grouped_conv(spec, g) else 1
+            step = group_step if "alignment" not in over and feeds_grouped_conv(spec, g) else 1
             if step > 1:  # per-group widths off the device's grouped-conv step run slower
                 widths = tuple(w for w in widths if w % step == 0 or w == g.units) or (g.units,)
                 g_align = step
@@ -558,7 +558,7 @@ def _resolve_alignment(alignment: int | str, table: Any | None) -> int:
     return int(a) if isinstance(a, int) and a >= 1 else 1
 
 
-def _feeds_grouped_conv(spec: ModelSpec, g: PrunableGroup) -> bool:
+def feeds_grouped_conv(spec: ModelSpec, g: PrunableGroup) -> bool:
     """Whether a group's units are per-group widths of a grouped (not depthwise) 2-D conv."""
     if g.unit_size <= 1:
         return False

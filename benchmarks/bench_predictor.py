@@ -54,12 +54,13 @@ def _model(name: str, size: int) -> tuple[Any, tuple[Any, ...]]:
     return zoo.torchvision_model(name, num_classes=10).eval(), (torch.randn(1, 3, size, size),)
 
 
-def _eval_plans(spec: Any, alignment: int, n_space: int, seed: int) -> list[tuple[str, Any]]:
+def _eval_plans(spec: Any, alignment: int, n_space: int, seed: int,
+                group_step: int = 1) -> list[tuple[str, Any]]:
     from autoprune.latency._sampler import PlanSampler
     from autoprune.plan import PruningPlan
 
     rng = np.random.default_rng(seed + 1000)  # not the fit's stream
-    sampler = PlanSampler(spec, alignment)
+    sampler = PlanSampler(spec, alignment, group_step=group_step)
     plans = [("space", sampler.plan_of_kind("space", rng)) for _ in range(n_space)]
     plans += [("uniform_aligned", PruningPlan.uniform(spec, r, alignment=alignment))
               for r in UNIFORM_ALIGNED]
@@ -88,7 +89,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress)
     fit_s = time.perf_counter() - t0
 
-    plans = _eval_plans(spec, int(table.alignment or 1), args.n_space, args.seed)
+    plans = _eval_plans(spec, int(table.alignment or 1), args.n_space, args.seed,
+                        group_step=int(getattr(table.kernel_rules, "group_step", 1) or 1))
     pruned_models = [apply_plan(model, p, x, spec=spec) for _, p in plans]
     ratios = np.empty((args.repeats, len(plans)))
     refs: list[float] = []
@@ -184,8 +186,10 @@ def _markdown(results: list[dict[str, Any]]) -> str:
                      f"({100 * r['eval_repeat_spread_max']:.1f}%) | "
                      f"{100 * r['by_kind']['all']['interval_coverage']:.0f}% | "
                      f"out {k.get('out_step')}, in {k.get('in_step')} "
-                     f"(x{k.get('in_penalty')}), dw {k.get('dw_step')} "
-                     f"(x{k.get('dw_penalty')}) |")
+                     f"(x{k.get('in_penalty')}, block {k.get('in_block', 1)}), "
+                     f"dw {k.get('dw_step')} (x{k.get('dw_penalty')}), "
+                     f"grouped {k.get('group_step', k.get('in_step'))} "
+                     f"(x{k.get('group_penalty', k.get('in_penalty'))}) |")
     return "\n".join(lines)
 
 

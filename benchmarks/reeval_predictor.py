@@ -45,7 +45,9 @@ def main() -> None:
         model, x = _model(r["model"], res["args"]["size"])
         spec = analyze(model, x)
         csv = next(tabdir.glob(f"predictor_{spec.model_name}_*.csv"))
-        plans = _eval_plans(spec, int(r["alignment"]), res["args"]["n_space"], res["args"]["seed"])
+        rules = r.get("kernel_rules") or {}
+        plans = _eval_plans(spec, int(r["alignment"]), res["args"]["n_space"], res["args"]["seed"],
+                            group_step=int(rules.get("group_step", 1)))
         meas = np.array([q["measured_ms"] for q in r["plans"]])
         kinds = np.array([q["kind"] for q in r["plans"]])
         for reg in args.regressors.split(","):

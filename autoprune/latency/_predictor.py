@@ -304,7 +304,8 @@ class LatencyPredictor:
         return PlanSampler(self.spec_, self.alignment_, aligned_share=float(self.aligned_share),
                            min_keep_ratio=float(self.min_keep_ratio),
                            block_probability=float(self.block_probability),
-                           structures=self.structures)
+                           structures=self.structures,
+                           group_step=int(getattr(self._featurizer.rules, "group_step", 1) or 1))
 
     def _default_data_path(self, table: Any) -> Path | None:
         d = getattr(table, "path", None)

@@ -33,12 +33,16 @@ class PlanSampler:
     (three quarters of them ``space``, a quarter ``uniform_aligned``); the rest are split
     evenly between the two unaligned kinds. ``structures``: structures to draw (None: all a
     group allows). ``min_keep_ratio``, ``block_probability``: the range of the plans.
+    ``group_step``: the device's per-group step of grouped convolutions (``KernelRules``); the
+    snapped kinds keep those groups' per-group widths on it, as the search space does.
     """
 
     def __init__(self, spec: ModelSpec, alignment: int, *, aligned_share: float = 0.6,
                  min_keep_ratio: float = 0.1, block_probability: float = 0.15,
-                 structures: tuple[Structure | str, ...] | None = None) -> None:
+                 structures: tuple[Structure | str, ...] | None = None,
+                 group_step: int = 1) -> None:
         self.spec = spec
+        self.group_step = max(1, int(group_step))
         self.alignment = max(1, int(alignment))
         self.aligned_share = float(aligned_share)
         self.min_keep_ratio = float(min_keep_ratio)
@@ -73,9 +77,10 @@ class PlanSampler:
 
     def plan_of_kind(self, kind: str, rng: np.random.Generator) -> PruningPlan:
         if kind == "space":
-            return self.random_plan(rng, leveled=bool(rng.random() < 0.5), align=self.alignment)
+            return self._snap_grouped(self.random_plan(rng, leveled=bool(rng.random() < 0.5),
+                                                       align=self.alignment))
         if kind == "uniform_aligned":
-            return self.uniform_plan(rng, self.alignment)
+            return self._snap_grouped(self.uniform_plan(rng, self.alignment))
         if kind == "uniform_unaligned":
             return self.uniform_plan(rng, 1)
         if kind == "random_unaligned":
@@ -85,6 +90,23 @@ class PlanSampler:
     def _new_plan(self, align: int) -> PruningPlan:
         return PruningPlan(alignment=align, model_fingerprint=self.spec.fingerprint,
                            model_name=self.spec.model_name)
+
+    def _snap_grouped(self, plan: PruningPlan) -> PruningPlan:
+        """A snapped plan's grouped-conv groups on the per-group step (dense when the step is
+        their whole per-group width)."""
+        if plan.alignment <= 1 or self.group_step <= 1:
+            return plan
+        from autoprune.space import feeds_grouped_conv
+
+        for name in list(plan.groups):
+            g = self.spec.groups.get(name)
+            if g is None or not feeds_grouped_conv(self.spec, g):
+                continue
+            if self.group_step >= g.units:
+                del plan.groups[name]
+            else:
+                plan.alignments[name] = self.group_step
+        return plan
 
     def uniform_plan(self, rng: np.random.Generator, align: int) -> PruningPlan:
         """One keep ratio for every channel group that allows channel pruning."""
