@@ -33,8 +33,9 @@ class PlanSampler:
     (three quarters of them ``space``, a quarter ``uniform_aligned``); the rest are split
     evenly between the two unaligned kinds. ``structures``: structures to draw (None: all a
     group allows). ``min_keep_ratio``, ``block_probability``: the range of the plans.
-    ``group_step``: the device's per-group step of grouped convolutions (``KernelRules``); the
-    snapped kinds keep those groups' per-group widths on it, as the search space does.
+    ``group_step``: the device's per-group step of grouped convolutions (``KernelRules``);
+    ``space`` plans keep those groups' per-group widths on it, as the search space does
+    (``uniform_aligned`` plans snap to ``alignment`` only, like ``PruningPlan.uniform``).
     """
 
     def __init__(self, spec: ModelSpec, alignment: int, *, aligned_share: float = 0.6,
@@ -80,7 +81,7 @@ class PlanSampler:
             return self._snap_grouped(self.random_plan(rng, leveled=bool(rng.random() < 0.5),
                                                        align=self.alignment))
         if kind == "uniform_aligned":
-            return self._snap_grouped(self.uniform_plan(rng, self.alignment))
+            return self.uniform_plan(rng, self.alignment)
         if kind == "uniform_unaligned":
             return self.uniform_plan(rng, 1)
         if kind == "random_unaligned":
