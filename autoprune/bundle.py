@@ -42,7 +42,12 @@ import torch
 
 from autoprune.errors import CorruptFileError, InvalidInputError
 from autoprune.io import atomic_write_bytes, atomic_write_json, read_json
-from autoprune.latency import SWEEP_WIDTHS, KernelRules, rules_from_sweep, sweep_layers
+from autoprune.latency import (
+    GROUP_SWEEP_WIDTHS,
+    SWEEP_WIDTHS,
+    KernelRules,
+    rules_from_sweep,
+)
 from autoprune.latency._profile import (
     ALIGNMENT_CANDIDATES,
     WidthsOption,
@@ -50,6 +55,7 @@ from autoprune.latency._profile import (
     fit_alignment,
     representative_layer,
 )
+from autoprune.latency._rules import sweep_items
 from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.measure import ProtocolSettings
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, ModelSpec, Structure
@@ -88,14 +94,12 @@ def _onnx_format(data: bytes) -> tuple[int, int]:
 
 
 def _rules_sweep_specs(widths: Sequence[int]) -> dict[str, list[LayerSpec]]:
-    """The kernel-rules sweep layers of ``autoprune.latency._rules`` at ``widths``, per axis
-    (the order ``rules_from_sweep`` fits them in)."""
-    layers = sweep_layers()
-    return {
-        "in": [layers["in"].with_channels(w, layers["in"].out_channels) for w in widths],
-        "out": [layers["out"].with_channels(layers["out"].in_channels, w) for w in widths],
-        "dw": [layers["dw"].with_channels(w, w) for w in widths],
-    }
+    """The kernel-rules sweep layers of ``autoprune.latency._rules`` at ``widths`` (the grouped
+    conv at ``GROUP_SWEEP_WIDTHS``), per axis (the order ``rules_from_sweep`` fits them in)."""
+    specs = [s for s, _, _ in sweep_items(widths, GROUP_SWEEP_WIDTHS)]
+    n = len(widths)
+    return {"in": specs[:n], "out": specs[n:2 * n], "dw": specs[2 * n:3 * n],
+            "group": specs[3 * n:]}
 
 
 def export_bundle(
@@ -200,7 +204,8 @@ def export_bundle(
         "grid_alignments": list(aligns),
         "widths": widths if isinstance(widths, str) else list(widths),
         "sweep_layer": sweep_layer.to_dict() if sweep_layer is not None else None,
-        "rules_sweep": {"widths": rws, "ids": rules_ids} if rules_ids is not None else None,
+        "rules_sweep": ({"widths": rws, "group_widths": list(GROUP_SWEEP_WIDTHS), "ids": rules_ids}
+                        if rules_ids is not None else None),
         "entries": entries,
     }
     runner = Path(__file__).with_name("bundle_runner.py")
@@ -314,9 +319,13 @@ def _fit_rules(sweep: dict[str, Any], measured_ms: dict[str, float], rpath: Path
     try:
         widths = [int(w) for w in sweep["widths"]]
         ids = {axis: list(sweep["ids"][axis]) for axis in ("in", "out", "dw")}
+        # manifests written before the grouped-conv sweep have none (the input rule per group)
+        group_widths = [int(w) for w in sweep.get("group_widths") or []]
+        if group_widths:
+            ids["group"] = list(sweep["ids"]["group"])
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(f"{rpath}: malformed rules_sweep in the manifest ({e})") from None
-    if any(len(v) != len(widths) for v in ids.values()):
+    if any(len(v) != len(group_widths if a == "group" else widths) for a, v in ids.items()):
         raise CorruptFileError(f"{rpath}: rules_sweep ids do not match its {len(widths)} widths")
     lacking = sum(1 for v in ids.values() for i in v if i not in measured_ms)
     if lacking:
@@ -325,4 +334,5 @@ def _fit_rules(sweep: dict[str, Any], measured_ms: dict[str, float], rpath: Path
             "kernel rules until the runner completes them", stacklevel=3)
         return None
     ms = {axis: [measured_ms[i] for i in v] for axis, v in ids.items()}
-    return rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"])
+    return rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"], group_widths=group_widths,
+                            group_ms=ms.get("group", []))

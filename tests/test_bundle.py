@@ -336,7 +336,7 @@ def test_bundle_kernel_rules_round_trip(tmp_path):
     man = json.loads(manifest.read_text())
     assert man["grid_alignments"] == [4, 8, 16] and man["rules_sweep"]["widths"] == widths
     ids = man["rules_sweep"]["ids"]
-    assert {k: len(v) for k, v in ids.items()} == {"in": 25, "out": 25, "dw": 25}
+    assert {k: len(v) for k, v in ids.items()} == {"in": 25, "out": 25, "dw": 25, "group": 49}
     by_id = {e["id"]: e for e in man["entries"]}
     conv = sweep_layers()["in"]
     assert LayerSpec.from_dict(by_id[ids["in"][0]]["spec"]).with_channels(64, 64) == conv
@@ -434,13 +434,15 @@ def test_import_fits_neon_style_rules_from_runner_timings(tmp_path, step, warns)
                              progress=False)
     man = json.loads(manifest.read_text())
     ids = man["rules_sweep"]["ids"]
-    axis_of = {i: (axis, widths[k]) for axis, v in ids.items() for k, i in enumerate(v)}
+    gw = man["rules_sweep"]["group_widths"]
+    axis_of = {i: (axis, (gw if axis == "group" else widths)[k])
+               for axis, v in ids.items() for k, i in enumerate(v)}
 
     def ms(eid: str) -> float:
         axis, w = axis_of.get(eid, ("grid", 16))
         if axis == "out":
             return 0.1 + 0.01 * math.ceil(w / step) * step
-        if axis in ("in", "dw"):
+        if axis in ("in", "dw", "group"):
             return (0.1 + 0.01 * w) * (1.3 if w % 4 else 1.0)
         return 0.5
     results = {"results_schema_version": 1, "bundle_id": man["bundle_id"],
@@ -460,6 +462,7 @@ def test_import_fits_neon_style_rules_from_runner_timings(tmp_path, step, warns)
         table = import_bundle(rpath)
     rules = table.kernel_rules
     assert rules.out_step == step and rules.in_step == 4 and rules.dw_step == 4
+    assert rules.group_step == 4 and "group_widths" in rules.sweep
     assert rules.in_penalty == pytest.approx(1.3, rel=1e-3)
     assert table.alignment == max(step, 4)
     step_warnings = [w for w in caught if "channel step" in str(w.message)]
