@@ -291,3 +291,26 @@ def test_autoprune_masks_are_recognised_and_measured(resnet, cliff):
     assert "masks give no speed on synthetic" in " ".join(report.notes)
     # unstructured masks run dense on this device: no faster than dense
     assert report.latency_ratio == pytest.approx(1.0, abs=0.02)
+
+
+def test_repair_rounds_grouped_convs_to_their_per_group_step():
+    """RegNet pruned uniformly to 14 of 16 channels per group, on a device whose grouped convs
+    need per-group widths on 16 (the AVX-512 Xeon's rule): repair puts them back on 16."""
+    from autoprune import zoo
+    from autoprune.executor import apply_plan
+    from autoprune.plan import PruningPlan
+
+    torch.manual_seed(0)
+    ref = zoo.torchvision_model("regnet_x_400mf", num_classes=10).eval()
+    spec = ap.analyze(ref, X)
+    pruned = apply_plan(ref, PruningPlan.uniform(spec, 0.85, alignment=1), X, spec=spec)
+    dev = SyntheticBackend(alignment=8, in_step=4, in_penalty=1.3, group_step=16,
+                           group_penalty=2.0)
+    report = ap.diagnose(pruned, ref, X, device=dev, measure=False)
+    grouped = [n for n, g in spec.groups.items() if g.unit_size > 1]
+    assert grouped and set(grouped) <= set(report.plan.groups)
+    result = ap.repair(pruned, ref, X, device=dev)
+    per_group = [m.in_channels // m.groups for m in result.model.modules()
+                 if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+    assert per_group and all(w % 16 == 0 for w in per_group)
+    assert result.repaired_latency_ms < result.input_latency_ms
