@@ -55,7 +55,7 @@ from autoprune.latency._profile import (
     fit_alignment,
     representative_layer,
 )
-from autoprune.latency._rules import sweep_items
+from autoprune.latency._rules import sweep_axes
 from autoprune.latency._table import LatencyTable, entry_key
 from autoprune.measure import ProtocolSettings
 from autoprune.types import DeviceInfo, LatencySample, LayerSpec, ModelSpec, Structure
@@ -91,15 +91,6 @@ def _onnx_format(data: bytes) -> tuple[int, int]:
     m = onnx.load_model_from_string(data)
     opset = max((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return int(opset), int(m.ir_version)
-
-
-def _rules_sweep_specs(widths: Sequence[int]) -> dict[str, list[LayerSpec]]:
-    """The kernel-rules sweep layers of ``autoprune.latency._rules`` at ``widths`` (the grouped
-    conv at ``GROUP_SWEEP_WIDTHS``), per axis (the order ``rules_from_sweep`` fits them in)."""
-    specs = [s for s, _, _ in sweep_items(widths, GROUP_SWEEP_WIDTHS)]
-    n = len(widths)
-    return {"in": specs[:n], "out": specs[n:2 * n], "dw": specs[2 * n:3 * n],
-            "group": specs[3 * n:]}
 
 
 def export_bundle(
@@ -154,7 +145,7 @@ def export_bundle(
     rules_ids: dict[str, list[str]] | None = None
     if alignment is None and kernel_rules:
         rules_ids = {}
-        for axis, specs in _rules_sweep_specs(rws).items():
+        for axis, specs in sweep_axes(rws, GROUP_SWEEP_WIDTHS).items():
             rules_ids[axis] = []
             for s in specs:
                 k = entry_key(s, Structure.NONE, 1.0)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from autoprune.errors import SearchSpaceError
 from autoprune.plan import GroupPlan, PruningPlan
-from autoprune.types import ModelSpec, OpKind, PrunableGroup, Structure, keep_units
+from autoprune.types import ModelSpec, PrunableGroup, Structure, keep_units
 
 if TYPE_CHECKING:
     import optuna
@@ -204,7 +204,7 @@ class SearchSpace:
             hi_ratio = float(over.get("max_keep_ratio", 1.0))
             lo_units = max(int(over.get("min_units", min_units)), g.min_units)
             widths = _width_grid(g.units, g_align, lo_ratio, hi_ratio, lo_units, max_grid)
-            step = group_step if "alignment" not in over and feeds_grouped_conv(spec, g) else 1
+            step = group_step if "alignment" not in over and spec.feeds_grouped_conv(g.name) else 1
             if step > 1:  # per-group widths off the device's grouped-conv step run slower
                 widths = tuple(w for w in widths if w % step == 0 or w == g.units) or (g.units,)
                 g_align = step
@@ -556,17 +556,6 @@ def _resolve_alignment(alignment: int | str, table: Any | None) -> int:
         return int(alignment)
     a = getattr(table, "alignment", None) if table is not None else None
     return int(a) if isinstance(a, int) and a >= 1 else 1
-
-
-def feeds_grouped_conv(spec: ModelSpec, g: PrunableGroup) -> bool:
-    """Whether a group's units are per-group widths of a grouped (not depthwise) 2-D conv."""
-    if g.unit_size <= 1:
-        return False
-    for name in (*g.producers, *g.members):
-        lay = spec.layers.get(name)
-        if lay is not None and lay.spec.op == OpKind.CONV2D and lay.spec.groups > 1:
-            return True
-    return False
 
 
 def _accelerates(backend: Any, structure: Structure) -> bool:

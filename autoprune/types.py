@@ -299,6 +299,15 @@ class ModelSpec:
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def feeds_grouped_conv(self, group: str) -> bool:
+        """Whether a channel group's units are per-group widths of a grouped (not depthwise)
+        2-D conv (``KernelRules.group_step`` governs them)."""
+        g = self.groups[group]
+        if g.unit_size <= 1:
+            return False
+        return any(n in self.layers and self.layers[n].spec.op == OpKind.CONV2D
+                   and self.layers[n].spec.groups > 1 for n in (*g.producers, *g.members))
+
     def kept_units(self, plan: PruningPlan) -> dict[str, int]:
         """Units each channel group keeps under ``plan`` (after alignment rounding)."""
         out: dict[str, int] = {}

@@ -119,8 +119,6 @@ def rounding_choices(ctx: Context) -> dict[str, tuple[int, int]]:
     """Per group whose width is off the device's step: (rounded down, rounded up). A grouped
     conv's group (its units are per-group widths) rounds to the rules' per-group step; where
     no multiple of it lies below, both choices are the next multiple up (or the full width)."""
-    from autoprune.space import feeds_grouped_conv
-
     a = ctx.rules.alignment
     gs = ctx.rules.group_step
     out: dict[str, tuple[int, int]] = {}
@@ -129,7 +127,7 @@ def rounding_choices(ctx: Context) -> dict[str, tuple[int, int]]:
         if k >= g.units:
             continue
         if g.unit_size != 1:
-            if gs > 1 and k % gs != 0 and feeds_grouped_conv(ctx.spec, g):
+            if gs > 1 and k % gs != 0 and ctx.spec.feeds_grouped_conv(name):
                 up = min(-(-k // gs) * gs, g.units)
                 out[name] = (max((k // gs) * gs, g.min_units) if k >= gs else up, up)
             continue

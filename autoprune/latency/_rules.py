@@ -108,9 +108,8 @@ class KernelRules:
             c = _ceil(co, self.out_step)
             return c, c, 1.0
         if spec.op == OpKind.CONV2D and g > 1:
-            off = self.group_step > 1 and ((ci // g) % self.group_step != 0
-                                           or (co // g) % self.group_step != 0)
-            return ci, co, self.group_penalty if off else 1.0
+            fast = self.fast_group_width(ci // g) and self.fast_group_width(co // g)
+            return ci, co, 1.0 if fast else self.group_penalty
         co_eff = _ceil(co, self.out_step)
         if spec.op == OpKind.CONV2D:
             if self.in_step > 1 and ci > self.in_step and ci % self.in_step != 0:
@@ -309,20 +308,26 @@ def sweep_layers() -> dict[str, LayerSpec]:
     return {"in": conv, "out": conv, "dw": dw, "group": grp}
 
 
+def sweep_axes(widths: Sequence[int] = SWEEP_WIDTHS,
+               group_widths: Sequence[int] = ()) -> dict[str, list[LayerSpec]]:
+    """The sweep's layers per axis, in the order ``rules_from_sweep`` fits them: the input,
+    output and depthwise axes at ``widths``, the grouped conv at per-group ``group_widths``
+    (left out when empty)."""
+    layers = sweep_layers()
+    g, grp = layers["group"].groups, layers["group"]
+    axes = {"in": [layers["in"].with_channels(w, layers["in"].out_channels) for w in widths],
+            "out": [layers["out"].with_channels(layers["out"].in_channels, w) for w in widths],
+            "dw": [layers["dw"].with_channels(w, w) for w in widths]}
+    if len(group_widths):
+        axes["group"] = [grp.with_channels(g * w, grp.out_channels) for w in group_widths]
+    return axes
+
+
 def sweep_items(widths: Sequence[int] = SWEEP_WIDTHS,
                 group_widths: Sequence[int] = ()) -> list[tuple[LayerSpec, Structure, float]]:
-    """The sweep's work items: the input, output and depthwise axes at ``widths``, then the
-    grouped conv at per-group ``group_widths`` (none by default)."""
-    layers = sweep_layers()
-    items = [(layers["in"].with_channels(w, layers["in"].out_channels), Structure.NONE, 1.0)
-             for w in widths]
-    items += [(layers["out"].with_channels(layers["out"].in_channels, w), Structure.NONE, 1.0)
-              for w in widths]
-    items += [(layers["dw"].with_channels(w, w), Structure.NONE, 1.0) for w in widths]
-    g = layers["group"].groups
-    items += [(layers["group"].with_channels(g * w, layers["group"].out_channels),
-               Structure.NONE, 1.0) for w in group_widths]
-    return items
+    """``sweep_axes`` as one list of work items (axes in order)."""
+    return [(s, Structure.NONE, 1.0) for specs in sweep_axes(widths, group_widths).values()
+            for s in specs]
 
 
 def rules_from_sweep(widths: Sequence[int], in_ms: Sequence[float], out_ms: Sequence[float],
@@ -365,6 +370,7 @@ def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None
                         group_widths: Sequence[int] = GROUP_SWEEP_WIDTHS) -> KernelRules:
     """Sweep the fixed layers on ``backend`` ``repeats`` times (interleaved; each width's
     median over repeats) and fit the rules. About 8 s per repeat on ORT CPU, 1 thread."""
+    axes = sweep_axes(widths, group_widths)
     items = sweep_items(widths, group_widths)
     old = backend.protocol
     backend.protocol = protocol or SWEEP_PROTOCOL
@@ -374,10 +380,13 @@ def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None
     finally:
         backend.protocol = old
     med = np.median(np.asarray(runs, dtype=float), axis=0)
-    n = len(widths)
+    ms: dict[str, list[float]] = {}
+    start = 0
+    for axis, specs in axes.items():
+        ms[axis], start = med[start:start + len(specs)].tolist(), start + len(specs)
     floor = int(getattr(backend, "min_alignment", 1) or 1)
-    return rules_from_sweep(widths, med[:n], med[n:2 * n], med[2 * n:3 * n], min_step=floor,
-                            group_widths=group_widths, group_ms=med[3 * n:])
+    return rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"], min_step=floor,
+                            group_widths=group_widths, group_ms=ms.get("group", ()))
 
 
 def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = False
@@ -402,4 +411,5 @@ def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = Fal
 
 
 __all__ = ["GROUP_SWEEP_WIDTHS", "KernelRules", "cached_kernel_rules", "detect_kernel_rules",
-           "fit_block_penalty", "fit_penalty", "fit_staircase", "rules_from_sweep"]
+           "fit_block_penalty", "fit_penalty", "fit_staircase", "rules_from_sweep", "sweep_axes",
+           "sweep_items"]

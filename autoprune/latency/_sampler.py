@@ -97,11 +97,9 @@ class PlanSampler:
         their whole per-group width)."""
         if plan.alignment <= 1 or self.group_step <= 1:
             return plan
-        from autoprune.space import feeds_grouped_conv
-
         for name in list(plan.groups):
             g = self.spec.groups.get(name)
-            if g is None or not feeds_grouped_conv(self.spec, g):
+            if g is None or not self.spec.feeds_grouped_conv(name):
                 continue
             if self.group_step >= g.units:
                 del plan.groups[name]
