@@ -76,6 +76,57 @@ def test_ort_measures_real_layer_sessions(ort):
     assert big[1].median_ms > 2 * big[0].median_ms
 
 
+def test_reorder_share_read_from_profile_events():
+    from autoprune.bundle_runner import in_context_ms, reorder_share_from_profile
+
+    def ev(name, op, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "dur": dur,
+                "args": {"op_name": op}}
+
+    def run(dur):
+        return {"cat": "Session", "name": "model_run", "dur": dur}
+
+    # two runs of a micro-model: reorder in (10, 30 us), conv (500, 520), reorder out (4, 6)
+    events = [ev("r_in", "ReorderInput", 10), ev("c", "Conv", 500), ev("r_out", "ReorderOutput", 4),
+              run(600),
+              ev("r_in", "ReorderInput", 30), ev("c", "Conv", 520), ev("r_out", "ReorderOutput", 6),
+              run(800)]
+    assert reorder_share_from_profile(events, runs=2) == pytest.approx((20 + 5) / 700)
+    assert reorder_share_from_profile(events, runs=1) == pytest.approx((30 + 6) / 800)
+    assert reorder_share_from_profile([ev("c", "Conv", 500), run(600)], runs=1) == 0.0
+    assert in_context_ms(2.0, 0.25) == pytest.approx(1.5)
+    assert in_context_ms(1.0, 1.0) == pytest.approx(0.1)  # at most nine tenths taken off
+
+
+def test_ort_layer_timing_option_and_fingerprint():
+    with pytest.raises(InvalidInputError, match="layer_timing"):
+        ap.get_backend("onnxruntime-cpu", layer_timing="warm")
+    a = ap.get_backend("onnxruntime-cpu").device_info()
+    b = ap.get_backend("onnxruntime-cpu", layer_timing="isolated").device_info()
+    assert dict(a.extra)["layer_timing"] == "in-context"
+    assert a.device_id != b.device_id  # tables timed the two ways never mix
+
+
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"),
+                    reason="ONNX Runtime's blocked (NCHWc) conv layout is an x86 CPU path")
+def test_ort_in_context_timing_drops_layout_reorders(ort):
+    from autoprune import bundle_runner
+    from autoprune.onnx_export import to_onnx
+
+    # a memory-bound depthwise conv whose 96 channels suit the blocked layout: its micro-model
+    # converts the 56x56 input into the blocked layout and the output back, which costs about
+    # as much as the conv itself; a linear layer has no layout to convert
+    dw = LayerSpec(OpKind.DWCONV2D, 96, 96, (3, 3), (1, 1), (1, 1), (1, 1), 96, (56, 56),
+                   fused="bn+relu6")
+    model, inputs = build_micro_model(dw, Structure.NONE, 1.0)
+    assert 0.2 < bundle_runner.layout_reorder_share(to_onnx(model, inputs)) < 1.0
+    lin, lin_in = build_micro_model(LayerSpec(OpKind.LINEAR, 64, 10), Structure.NONE, 1.0)
+    assert bundle_runner.layout_reorder_share(to_onnx(lin, lin_in)) == 0.0
+    isolated = ap.get_backend("onnxruntime-cpu", protocol=QUICK, layer_timing="isolated")
+    both = [ort.measure_layer(dw).median_ms, isolated.measure_layer(dw).median_ms]
+    assert both[0] < 0.8 * both[1], both
+
+
 def test_ort_measures_models_interleaved_and_ratio(ort):
     small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
     large = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(),
