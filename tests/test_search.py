@@ -452,3 +452,38 @@ def test_search_with_a_refine_evaluator_chooses_a_refined_plan(syn):
     # the chosen plan has the best refined proxy among the refined finalists that met the budget
     ok = fin[(fin["role"] == "refined") & fin["meets_budget"].astype(bool)]
     assert chosen["proxy"].iloc[0] == ok["proxy"].max()
+
+
+def test_after_a_miss_the_next_finalist_is_the_best_expected_to_fit(syn):
+    """The latency model under-predicts every plan by the same factor: the best-proxy plan
+    misses the budget, and the next one measured is the best plan that the observed error says
+    fits (here the largest such plan), not the knee of the front further down."""
+    from autoprune._search import select_finalists
+    from autoprune.budget import Budget
+    from autoprune.executor import apply_plan
+    from autoprune.plan import PruningPlan
+
+    s = syn
+    keeps = [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3]
+    plans = [PruningPlan.uniform(s["spec"], k, alignment=1) for k in keeps]
+    # what the synthetic device measures (deterministic: no noise)
+    true = [s["backend"].measure_ratio(apply_plan(s["model"], p, s["x"], spec=s["spec"]),
+                                       s["model"], s["x"])[0] for p in plans]
+    assert true == sorted(true, reverse=True)
+    budget, under = 0.85, 0.8  # predicted = 0.8 x what the device measures
+    trials = pd.DataFrame({
+        # proxy falls steeply, then flattens: the front's knee sits well below the budget
+        "trial": range(len(plans)), "proxy": [0.3 + 0.6 * k ** 3 for k in keeps],
+        "predicted_latency_ms": [under * t * s["dense_ms"] for t in true],
+        "feasible": [under * t <= budget for t in true], "state": ["COMPLETE"] * len(plans),
+        "plan_json": [p.to_json(indent=None) for p in plans],
+    })
+    with pytest.warns(UserWarning, match="trying the next candidate"):
+        fin = select_finalists(trials, s["model"], s["x"], s["spec"], s["backend"],
+                               Budget.of(budget_fraction=budget), n_finalists=1,
+                               dense_ms=s["dense_ms"])
+    table = fin.table
+    fits = [i for i, t in enumerate(true) if t <= budget]
+    assert fits and fits[0] > 0 and not table["meets_budget"].iloc[0]
+    assert fin.chosen_trial == fits[0], (table[["trial", "role", "measured_ratio"]], true)
+    assert len(table) == 2  # one miss, then the recalibrated choice

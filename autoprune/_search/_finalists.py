@@ -17,7 +17,11 @@ refined one whenever a refined finalist meets the budget.
 
 The first ``n_finalists`` candidates are applied and timed against the dense model (paired,
 alternating runs: ``Backend.measure_ratio``). While none has met the budget, further candidates
-are measured, up to ``max_remeasure`` in all. A candidate meets the budget when its measurement
+are measured, up to ``max_remeasure`` in all. After a miss the rest are re-ordered by what the
+miss showed (``recalibrated_order``): the candidates whose predicted latency, scaled by the
+worst measured / predicted so far, fits the budget come first, best proxy first — so the next
+one measured is the best plan expected to fit, not the knee, which can sit far below the
+budget (the quickstart's knee used 63% of it). A candidate meets the budget when its measurement
 is within the budget less its headroom (``Budget.met_by`` on the measurement scaled by
 ``1 / (1 - headroom)``): a fraction is checked on the paired ratio, milliseconds on ``ratio x
 dense`` (the dense latency measured as the median of three runs unless ``dense_ms`` is given).
@@ -197,9 +201,16 @@ def select_finalists(
     rows: list[dict[str, Any]] = []
     plans: dict[int, PruningPlan] = {}
     met = 0
-    for i, (n, role, proxy, pred, plan) in enumerate(cands):
+    # the paired ratio at or below which a measurement meets the budget (less its headroom)
+    ratio_ok = budget.target_ratio() if budget.is_fraction else budget.target_ms() / scale
+    worst = 0.0  # the largest measured ratio per predicted ms among the misses so far
+    pending = list(cands)
+    i = -1
+    while pending:
+        i += 1
         if i >= n_finalists and (met > 0 or i >= limit):
             break
+        n, role, proxy, pred, plan = pending.pop(0)
         pruned = apply_plan(model, plan, example_inputs, spec=spec).eval()
         ratio, iqr = backend.measure_ratio(pruned, dense_model, example_inputs)
         ratio = float(ratio)
@@ -217,6 +228,9 @@ def select_finalists(
                    "trying the next candidate")
             warnings.warn(msg, stacklevel=2)
             notes.append(msg)
+            if pred > 0 and np.isfinite(ratio_ok):
+                worst = max(worst, ratio / pred)
+                pending = recalibrated_order(pending, ratio_ok / worst)
         plans[n] = plan
         rows.append(_row(n, role, proxy, pred, plan, measured, ratio, float(iqr), ok))
     table = pd.DataFrame(rows, columns=FINALIST_COLUMNS)
@@ -240,6 +254,18 @@ def select_finalists(
         chosen = plans[best_n]
         table.loc[table["trial"] == best_n, "chosen"] = True
     return Finalists(table, chosen, scale, tuple(notes))
+
+
+def recalibrated_order(pending: list[Any], limit_pred_ms: float) -> list[Any]:
+    """The candidates still to measure after a miss: first those predicted within
+    ``limit_pred_ms`` (the budget scaled by the worst measured / predicted so far), refined
+    ones first, each by proxy (larger predicted first on ties), then the rest as they were.
+    After a miss the next candidate is thus the best one expected to fit, not the knee of the
+    front, which can sit far below the budget."""
+    fits = [c for c in pending if c[3] <= limit_pred_ms]
+    rest = [c for c in pending if c[3] > limit_pred_ms]
+    fits.sort(key=lambda c: (c[1] != "refined", -c[2], -c[3]))
+    return fits + rest
 
 
 def _row(n: int, role: str, proxy: float, pred: float, plan: PruningPlan, measured: float,
