@@ -7,10 +7,10 @@ This file is copied as ``run_bundle.py`` into every bundle written by
 
 It loads each micro-model of the bundle's ``manifest.json`` into an ONNX Runtime session,
 times them with the same adaptive, interleaved protocol as ``autoprune.measure`` and writes
-``results.json`` (device fingerprint + one median/IQR per entry, timed *in context*: minus the
+``results.json`` (device fingerprint + one median/IQR per entry, timed *in context*: less the
 layout reorders' share of the micro-model's run, which a whole model does not pay, see
-``layout_reorder_share``; the share is kept per entry as ``reorder_share``). The results file is rewritten
-atomically after every chunk, so an interrupted run resumes where it stopped.
+``layout_reorder_share``; the share is kept per entry as ``reorder_share``). The results file
+is rewritten atomically after every chunk, so an interrupted run resumes where it stopped.
 ``autoprune bundle import results.json`` turns it into a ``LatencyTable``.
 
 Requirements, checked at start (``check_requirements``) with a message naming what to

@@ -36,8 +36,8 @@ class OnnxRuntimeCPUBackend(Backend):
     ``layer_timing``: how ``measure_layers`` times a layer's micro-model — ``"in-context"``
     (default: its run less the share of it spent in the layout reorders ONNX Runtime wraps
     around a blocked-layout layer, which a whole model pays only where a blocked run of layers
-    starts or ends; the share is read from a profiled session of the micro-model) or ``"isolated"`` (the micro-model's run as it
-    is). Whole models are always timed as they are.
+    starts or ends; the share is read from a profiled session of the micro-model) or
+    ``"isolated"`` (the micro-model's run as it is). Whole models are always timed as they are.
     """
 
     name = "onnxruntime-cpu"
