@@ -608,8 +608,8 @@ def session_timer(sess: Any, feeds: Optional[Dict[str, Any]] = None, seed: int =
 #: CPU provider runs a convolution blocked when its channel counts allow; a single-layer
 #: micro-model then converts its input into the blocked layout and its output back, which a
 #: whole model does only where a blocked run of layers starts or ends. (mobilenet_v2 at 224²
-#: on an AVX-512 Xeon: 3.75 of the 9.89 ms its micro-models add up to are reorders; the whole
-#: model spends 0.006 ms in them.)
+#: on an AVX-512 Xeon, profiled: 4.86 of the 11.74 ms its micro-models add up to are
+#: reorders; the whole model spends 0.007 ms in them, ``benchmarks/profile_in_context.py``.)
 LAYOUT_REORDER_OPS = ("ReorderInput", "ReorderOutput")
 #: how layer entries are timed: the micro-model's run less its layout reorders' share of it
 LAYER_TIMING = "in-context"
@@ -640,12 +640,13 @@ def reorder_share_from_profile(events: Sequence[Dict[str, Any]], runs: int,
     return min(reorder_us / total_us, 1.0) if total_us > 0 else 0.0
 
 
-def layout_reorder_share(model: Any, threads: int = 1, graph_optimization_level: str = "all",
-                         providers: Optional[Sequence[str]] = None,
-                         feeds: Optional[Dict[str, Any]] = None, runs: int = 10) -> float:
-    """Share of one run of ``model`` (ONNX bytes or path) spent in layout reorders, from a
-    profiled session of its own (``runs`` profiled runs after two warm-up runs); 0.0 when the
-    runtime inserted none (a layer off the blocked path, or a provider without the layout)."""
+def profiled_events(model: Any, threads: int = 1, graph_optimization_level: str = "all",
+                    providers: Optional[Sequence[str]] = None,
+                    feeds: Optional[Dict[str, Any]] = None, runs: int = 10
+                    ) -> List[Dict[str, Any]]:
+    """ONNX Runtime's profile events (``end_profiling``'s JSON) of ``runs`` runs of ``model``
+    (ONNX bytes or path) after two warm-up runs, in a profiled session of its own; [] when the
+    profile cannot be read. The profile file is removed."""
     d = tempfile.mkdtemp(prefix="autoprune-prof-")
     try:
         sess = make_session(model, threads, graph_optimization_level, providers,
@@ -656,14 +657,24 @@ def layout_reorder_share(model: Any, threads: int = 1, graph_optimization_level:
         path = sess.end_profiling()
         try:
             with open(path, encoding="utf-8") as f:
-                events = json.load(f)
+                events: List[Dict[str, Any]] = json.load(f)
         except (OSError, ValueError):
-            return 0.0  # no readable profile: nothing to take off
-        return reorder_share_from_profile(events, runs)
+            return []
+        return events
     finally:
         for name in os.listdir(d):
             os.unlink(os.path.join(d, name))
         os.rmdir(d)
+
+
+def layout_reorder_share(model: Any, threads: int = 1, graph_optimization_level: str = "all",
+                         providers: Optional[Sequence[str]] = None,
+                         feeds: Optional[Dict[str, Any]] = None, runs: int = 10) -> float:
+    """Share of one run of ``model`` (ONNX bytes or path) spent in layout reorders, from
+    ``profiled_events``; 0.0 when the runtime inserted none (a layer off the blocked path, or
+    a provider without the layout) or the profile could not be read."""
+    events = profiled_events(model, threads, graph_optimization_level, providers, feeds, runs)
+    return reorder_share_from_profile(events, runs)
 
 
 def in_context_ms(wall_ms: float, reorder_share: float) -> float:
@@ -702,15 +713,15 @@ def _read_model(path: str) -> bytes:
 
 
 def _load_session(bundle_dir: str, entry: Dict[str, Any], manifest: Dict[str, Any],
-                  threads: int, level: str, providers: Sequence[str]) -> Any:
-    """A session for one entry; a model this onnxruntime cannot load is a RequirementError
-    naming the bundle's ONNX opset and IR version."""
+                  threads: int, level: str, providers: Sequence[str]) -> Tuple[Any, bytes]:
+    """A session for one entry and the model's bytes; a model this onnxruntime cannot load is
+    a RequirementError naming the bundle's ONNX opset and IR version."""
     import onnxruntime as ort
 
     path = os.path.join(bundle_dir, entry["file"])
     data = _read_model(path)
     try:
-        return make_session(data, threads, level, providers)
+        return make_session(data, threads, level, providers), data
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -790,11 +801,10 @@ def run_bundle(
         batch = todo[start : start + chunk]
         timers, reorders = [], []
         for entry in batch:
-            sess = _load_session(bundle_dir, entry, manifest, threads, graph_optimization_level,
-                                 providers)
-            reorders.append(layout_reorder_share(
-                _read_model(os.path.join(bundle_dir, entry["file"])), threads,
-                graph_optimization_level, providers))
+            sess, data = _load_session(bundle_dir, entry, manifest, threads,
+                                       graph_optimization_level, providers)
+            reorders.append(layout_reorder_share(data, threads, graph_optimization_level,
+                                                 providers))
             call = session_timer(sess)
             n = calibrate_calls(lambda: call(), protocol.get("min_sample_ms", 0.0))
             timers.append(session_timer(sess, calls_per_sample=n))

@@ -1,13 +1,15 @@
 """Per-layer cost in the whole model against the same layer alone, from ONNX Runtime's profiler.
 
-Times every convolution node (per-node kernel times of a profiled session, 1 thread, graph
-optimisation "all") in the whole model and in the layer's own micro-model (the table's
-measurement unit), and prints them side by side with the layer's weight size. It shows what a
-table of isolated layers cannot see: layout reorders (in the micro-model only; see README
+Times every node (per-node kernel times of a profiled session, 1 thread, graph optimisation
+"all") of the whole model and of each layer's own micro-model (the table's measurement unit),
+and prints the time per op type (convolutions, layout reorders, ...) both ways, then every
+convolution node of the whole model beside the same convolution alone, with the layer's weight
+size. It shows what a table of isolated layers cannot see: layout reorders (in the micro-model only; see README
 "In-context layer timing") and weights a whole model re-reads from beyond the cache on every
 layer (the difference grows with the layer's weight bytes, at every input size).
 
     python benchmarks/profile_in_context.py --model resnet18 --size 64
+    python benchmarks/profile_in_context.py --model mobilenet_v2 --size 224 --keep 0.6 --alignment 16
 
 The profiler inflates small runs, so compare the two columns with each other, not with
 un-profiled timings (and repeat: on a shared VM the whole-model column moves between runs).
@@ -20,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
-import tempfile
 
 import numpy as np
 
@@ -40,26 +39,30 @@ def module_path(node_name: str) -> str:
     return ".".join(parts)
 
 
-def conv_node_ms(onnx_model: bytes, runs: int) -> dict[str, float]:
-    """Median kernel time (ms) of every convolution node, by the node's name."""
+def node_ms(onnx_model: bytes, runs: int) -> dict[str, tuple[str, float]]:
+    """Per node of a profiled session: (op type, median kernel time in ms), by node name."""
     from autoprune import bundle_runner as br
 
-    d = tempfile.mkdtemp(prefix="autoprune-prof-")
-    sess = br.make_session(onnx_model, profile_prefix=os.path.join(d, "p"))
-    call = br.session_timer(sess)
-    for _ in range(runs + 5):
-        call()
-    path = sess.end_profiling()
-    with open(path, encoding="utf-8") as f:
-        events = json.load(f)
-    os.unlink(path)
-    os.rmdir(d)
     per: dict[str, list[float]] = collections.defaultdict(list)
-    for e in events:
-        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                and "Conv" in (e.get("args") or {}).get("op_name", "")):
-            per[e["name"]].append(float(e["dur"]))
-    return {k[: -len("_kernel_time")]: float(np.median(v[-runs:])) / 1000 for k, v in per.items()}
+    ops: dict[str, str] = {}
+    for e in br.profiled_events(onnx_model, runs=runs):
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            name = e["name"][: -len("_kernel_time")]
+            per[name].append(float(e["dur"]))
+            ops[name] = str((e.get("args") or {}).get("op_name", "?"))
+    return {k: (ops[k], float(np.median(v[-runs:])) / 1000) for k, v in per.items()}
+
+
+def conv_node_ms(onnx_model: bytes, runs: int) -> dict[str, float]:
+    """Median kernel time (ms) of every convolution node, by the node's name."""
+    return {k: ms for k, (op, ms) in node_ms(onnx_model, runs).items() if "Conv" in op}
+
+
+def by_op(nodes: dict[str, tuple[str, float]]) -> collections.Counter[str]:
+    out: collections.Counter[str] = collections.Counter()
+    for op, ms in nodes.values():
+        out[op] += ms
+    return out
 
 
 def main() -> None:
@@ -67,23 +70,46 @@ def main() -> None:
     p.add_argument("--model", default="resnet18", help="a torchvision model name")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--keep", type=float, default=1.0,
+                   help="a uniform plan at this keep ratio (1.0: the dense model)")
+    p.add_argument("--alignment", type=int, default=1,
+                   help="the uniform plan's width step (1: widths not snapped)")
     args = p.parse_args()
     import torch
 
     from autoprune import zoo
     from autoprune._analyze import analyze
     from autoprune.backends.micro import build_micro_model
+    from autoprune.executor import apply_plan
     from autoprune.onnx_export import to_onnx
+    from autoprune.plan import PruningPlan
     from autoprune.types import OpKind, Structure
 
     torch.manual_seed(0)
     model = zoo.torchvision_model(args.model, num_classes=10).eval()
     x = torch.randn(1, 3, args.size, args.size)
     spec = analyze(model, (x,))
+    if args.keep < 1.0:
+        plan = PruningPlan.uniform(spec, args.keep, alignment=args.alignment)
+        model = apply_plan(model, plan, (x,), spec=spec).eval()
+        spec = analyze(model, (x,))
     convs = [(n, lay) for n, lay in spec.layers.items()
              if lay.spec.op in (OpKind.CONV2D, OpKind.DWCONV2D)]
-    whole = {module_path(k): v for k, v in conv_node_ms(to_onnx(model, (x,)), args.runs).items()}
-    print(f"{args.model} at {args.size}², profiled, ms per node\n")
+    whole_nodes = node_ms(to_onnx(model, (x,)), args.runs)
+    whole = {module_path(k): ms for k, (op, ms) in whole_nodes.items() if "Conv" in op}
+    micro_ops: collections.Counter[str] = collections.Counter()
+    for lay in spec.layers.values():  # every layer's micro-model, all its nodes
+        micro, inputs = build_micro_model(lay.spec, Structure.NONE, 1.0)
+        micro_ops.update(by_op(node_ms(to_onnx(micro, inputs), args.runs)))
+    whole_ops = by_op(whole_nodes)
+    print(f"{args.model} at {args.size}², keep {args.keep} (step {args.alignment}), profiled, "
+          "ms per run by op type\n")
+    print("| op | whole model | sum of its layers' micro-models |")
+    print("|---|---|---|")
+    for op in sorted(set(whole_ops) | set(micro_ops), key=lambda o: -micro_ops[o]):
+        print(f"| {op} | {whole_ops[op]:.3f} | {micro_ops[op]:.3f} |")
+    print(f"| all nodes | {sum(whole_ops.values()):.3f} | {sum(micro_ops.values()):.3f} |\n")
+    print("ms per convolution node\n")
     print("| layer | weights (MB) | alone | in the whole model | difference |")
     print("|---|---|---|---|---|")
     tot_alone = tot_whole = 0.0
