@@ -129,9 +129,14 @@ def test_widths_straddling_a_regime_boundary_are_priced_on_the_right_side():
     assert price(61) == pytest.approx(device.layer_cost_ms(conv2d(61, 64, 14)), rel=0.05)
     # 57..64 output channels sit on one step of the staircase
     assert price(64, 57) == pytest.approx(price(64, 64))
-    # a depthwise conv off its step costs about 3x the next multiple
-    assert price(90, 90, 90) == pytest.approx(3.0 * price(92, 92, 92), rel=0.05)
+    # a depthwise conv off its step costs about 3x the fast path, at its own width (the plain
+    # kernel pads nothing): 65 channels cost less than 71, though both round up to 72
+    assert price(90, 90, 90) == pytest.approx(3.0 * price(92, 92, 92) * 90 / 96, rel=0.05)
     assert price(92, 92, 92) < price(90, 90, 90)
+    for c in (65, 71, 90):
+        s = conv2d(c, c, 14, groups=c)
+        assert price(c, c, c) == pytest.approx(device.layer_cost_ms(s), rel=0.05), c
+    assert price(65, 65, 65) < 0.95 * price(71, 71, 71)
     # a grouped conv (8 groups) follows the input rule per group: 8 x 14 = 112 channels sit
     # off the step of 4 per group, 8 x 16 = 128 on it
     for c in (64, 128):

@@ -147,7 +147,9 @@ class SyntheticBackend(Backend):
             return float(self.cost_fn(spec, structure, density))
         a = self.alignment
         out_eff = int(math.ceil(spec.out_channels / a) * a)
-        if spec.op.is_depthwise:
+        if spec.op == OpKind.DWCONV2D and spec.out_channels % self.dw_step:
+            eff = spec  # the plain kernel: its own width, no padding to the block
+        elif spec.op.is_depthwise:
             eff = spec.with_channels(out_eff, out_eff)
         elif spec.op == OpKind.CONV2D and spec.groups == 1 and self.in_block > 1 \
                 and spec.in_channels > self.in_step and spec.in_channels % self.in_step == 0:
