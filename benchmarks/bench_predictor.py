@@ -193,6 +193,41 @@ def _markdown(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+KINDS = ("space", "uniform_aligned", "uniform_unaligned")
+
+
+def _summary(results: list[dict[str, Any]]) -> str:
+    """One row per model (the BENCHMARKS.md tables) and the counts over all plans by kind."""
+    lines = ["| model | table + fit | space: ±5% / ±10% | uniform aligned | uniform unaligned "
+             "(slower than dense) | all: MAPE, Spearman | table sum MAPE | FLOPs-linear MAPE "
+             "| dense re-measured: max deviation |", "|---|---|---|---|---|---|---|---|---|"]
+    counts = {k: [0, 0, 0] for k in KINDS}
+    for r in results:
+        cells = []
+        for kind in KINDS:
+            ps = [p for p in r["plans"] if p["kind"] == kind]
+            err = [abs(p["predicted_ms"] / p["measured_ms"] - 1.0) for p in ps]
+            c = counts[kind]
+            c[0] += sum(e <= 0.05 for e in err)
+            c[1] += sum(e <= 0.10 for e in err)
+            c[2] += len(ps)
+            v = r["by_kind"][kind]["predictor"]
+            cells.append(f"{100 * v['within_5pct']:.0f}% / {100 * v['within_10pct']:.0f}%")
+        slow = sum(p["slower_than_dense"] for p in r["plans"] if p["kind"] == KINDS[2])
+        n_un = sum(p["kind"] == KINDS[2] for p in r["plans"])
+        a = r["by_kind"]["all"]
+        lines.append(f"| {r['model']} | {r['table_seconds']:.0f} + {r['fit_seconds']:.0f} s | "
+                     f"{cells[0]} | {cells[1]} | {cells[2]} ({slow} of {n_un}) | "
+                     f"{100 * a['predictor']['mape']:.1f}%, {a['predictor']['spearman']:.3f} | "
+                     f"{100 * a['table_sum']['mape']:.1f}% | {100 * a['flops_linear']['mape']:.1f}% "
+                     f"| {100 * r['noise_floor']['max_dev']:.1f}% |")
+    tot = [sum(c[i] for c in counts.values()) for i in range(3)]
+    lines.append("")
+    lines.append(f"all plans: {tot[1]}/{tot[2]} within ±10%, {tot[0]}/{tot[2]} within ±5%; "
+                 + ", ".join(f"{k} {c[1]}/{c[2]} and {c[0]}/{c[2]}" for k, c in counts.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+",
@@ -209,7 +244,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_predictor")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--summarize", metavar="RESULTS_JSON",
+                    help="print the per-model summary of a finished run's results.json; no timing")
     args = ap.parse_args()
+    if args.summarize:
+        print(_summary(json.loads(Path(args.summarize).read_text())["results"]))
+        return
     import torch
 
     from autoprune.io import atomic_write_json
@@ -229,6 +269,8 @@ def main() -> None:
             "load_avg": os.getloadavg(), "args": vars(args), "results": results,
         })
     print(_markdown(results))
+    print()
+    print(_summary(results))
 
 
 if __name__ == "__main__":
