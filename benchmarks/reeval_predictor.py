@@ -7,6 +7,10 @@ median of measured / table sum over the training plans and over the evaluation p
 two disagree the table, not the regressor, is what misses.
 
     python benchmarks/reeval_predictor.py runs/bench_predictor_224 --regressors linear,boosted,auto
+
+``--weight-stream FILE`` (a ``bench_memory.py --out`` JSON, or ``none``) replaces the weight-streaming
+curve the run's table recorded with its kernel rules: how a run measured before the probe existed
+is priced with the device's curve (the stored plans' latencies are not changed).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="the --out directory of a bench_predictor.py run")
     p.add_argument("--regressors", default="linear,boosted,auto")
+    p.add_argument("--weight-stream", default=None,
+                   help="bench_memory.py JSON whose curve the table's rules get ('none': drop it)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -41,6 +47,15 @@ def main() -> None:
     res = json.loads((run / "results.json").read_text())
     tabdir = next((run / "tables").glob("onnxruntime*"))
     table = LatencyTable.load(tabdir)
+    if args.weight_stream is not None and table.kernel_rules is not None:
+        from dataclasses import replace
+
+        from autoprune.latency._memory import WeightStream
+
+        stream = None if args.weight_stream == "none" else WeightStream.from_dict(
+            json.loads(Path(args.weight_stream).read_text()), source=args.weight_stream)
+        table.kernel_rules = replace(table.kernel_rules, weight_stream=stream)
+        print(f"weight stream: {stream}")
     for r in res["results"]:
         model, x = _model(r["model"], res["args"]["size"])
         spec = analyze(model, x)

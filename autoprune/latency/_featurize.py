@@ -183,6 +183,9 @@ class CompiledSpec:
 # ------------------------------------------------------------------------------------------
 #: features that describe which layers leave the device's fast kernels (kernel rules)
 REGIME_FEATURES = ("table_ms_off", "off_act_m")
+#: what the whole model pays once its weights outgrow the caches (``autoprune.latency._memory``;
+#: 0 where the device's rules carry no weight-streaming probe)
+MEMORY_FEATURES = ("stream_ms",)
 #: extra features of the non-monotone regressor
 FREE_FEATURES = ("misaligned_share", "misaligned_table_ms", "blocks_removed")
 
@@ -215,7 +218,7 @@ class PlanFeaturizer:
         self._cache: dict[tuple[int, int, int, int, float], tuple[float, ...]] = {}
         names = ["table_ms", *(f"table_ms_{k}" for k in self.kinds), "table_ms_masked",
                  "table_ms_sq", "table_ms_sqrt", "macs_m", "params_m", "act_m", "n_layers",
-                 *REGIME_FEATURES]
+                 *REGIME_FEATURES, *MEMORY_FEATURES]
         self.names: list[str] = names + (list(FREE_FEATURES) if free else [])
 
     def frame(self, plans: Sequence[PruningPlan]) -> Any:
@@ -250,6 +253,10 @@ class PlanFeaturizer:
         offp = off * pm
         cols.append((lat * offp).sum(axis=1))  # time spent in slow kernel paths
         cols.append((in_act * offp).sum(axis=1) / 1e6)  # tensors re-laid-out around them
+        stream = getattr(self.rules, "weight_stream", None)
+        # float32 weights (MB) per layer; a removed layer streams nothing
+        cols.append(stream.plan_stream_ms(params * pm * 4 / 1e6) if stream is not None
+                    else np.zeros(n_p))
         if self.free:
             mis = ((cout % self.alignment) != 0) & present
             cols.append(mis.sum(axis=1) / np.maximum(1, present.sum(axis=1)))

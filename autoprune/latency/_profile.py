@@ -21,6 +21,7 @@ may choose, into a resumable ``LatencyTable``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -288,6 +289,14 @@ def profile(
         table.alignment = rules.alignment
         if table.path is not None:
             table.save()
+    elif table.kernel_rules is not None and table.kernel_rules.weight_stream is None \
+            and kernel_rules is None:
+        # a table made before the weight-streaming probe: the device's probe (cached once)
+        stream = cached_kernel_rules(backend).weight_stream
+        if stream is not None:
+            table.kernel_rules = dataclasses.replace(table.kernel_rules, weight_stream=stream)
+            if table.path is not None:
+                table.save()
     if table.alignment is None:
         table.alignment = table.kernel_rules.alignment if table.kernel_rules else 1
     items = enumerate_items(spec, backend, table.alignment, widths, structures,

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autoprune.errors import CorruptFileError
 from autoprune.io import atomic_write_json, cache_dir, read_json
+from autoprune.latency._memory import WeightStream, detect_weight_stream
 from autoprune.measure import ProtocolSettings
 from autoprune.types import LayerSpec, OpKind, Structure
 
@@ -78,6 +79,10 @@ class KernelRules:
     #: per-group width step of grouped (not depthwise) 2-D convs, and the cost off it
     group_step: int = 1
     group_penalty: float = 1.0
+    #: the device's weight-streaming curve (``autoprune.latency._memory``; None: not probed,
+    #: e.g. rules fitted from a bundle's sweep): what a model pays once its weights outgrow the
+    #: caches
+    weight_stream: WeightStream | None = field(default=None, compare=False, hash=False)
 
     @property
     def alignment(self) -> int:
@@ -144,6 +149,7 @@ class KernelRules:
     # -- files -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["weight_stream"] = self.weight_stream.to_dict() if self.weight_stream else None
         d["alignment"] = self.alignment
         d["schema_version"] = RULES_SCHEMA_VERSION
         return d
@@ -172,6 +178,9 @@ class KernelRules:
                             group_penalty=float(d.get("group_penalty", d["in_penalty"])))
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{source}: malformed kernel rules ({e})") from None
+        if d.get("weight_stream"):
+            rules = replace(rules, weight_stream=WeightStream.from_dict(
+                d["weight_stream"], source=source))
         if min(rules.out_step, rules.in_step, rules.in_block, rules.dw_step,
                rules.group_step) < 1 or \
                 min(rules.in_penalty, rules.dw_penalty, rules.group_penalty) <= 0:
@@ -183,7 +192,8 @@ class KernelRules:
         return (f"KernelRules(out step {self.out_step}, in step {self.in_step}{block} "
                 f"(x{self.in_penalty:.2f} off it), depthwise step {self.dw_step} "
                 f"(x{self.dw_penalty:.2f} off it), grouped per-group step {self.group_step} "
-                f"(x{self.group_penalty:.2f} off it); search alignment {self.alignment})")
+                f"(x{self.group_penalty:.2f} off it); search alignment {self.alignment}"
+                + (f"; {self.weight_stream}" if self.weight_stream else "") + ")")
 
 
 def _ceil(w: int, step: int) -> int:
@@ -370,9 +380,11 @@ def _jsonable(rss: dict[int, float]) -> dict[str, float | None]:
 
 def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None,
                         widths: Sequence[int] = SWEEP_WIDTHS,
-                        group_widths: Sequence[int] = GROUP_SWEEP_WIDTHS) -> KernelRules:
+                        group_widths: Sequence[int] = GROUP_SWEEP_WIDTHS, stream: bool = True
+                        ) -> KernelRules:
     """Sweep the fixed layers on ``backend`` ``repeats`` times (interleaved; each width's
-    median over repeats) and fit the rules. About 8 s per repeat on ORT CPU, 1 thread."""
+    median over repeats) and fit the rules. About 8 s per repeat on ORT CPU, 1 thread.
+    ``stream``: also probe the weight-streaming curve (``detect_weight_stream``, about 20 s)."""
     axes = sweep_axes(widths, group_widths)
     items = sweep_items(widths, group_widths)
     old = backend.protocol
@@ -388,8 +400,9 @@ def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None
     for axis, specs in axes.items():
         ms[axis], start = med[start:start + len(specs)].tolist(), start + len(specs)
     floor = int(getattr(backend, "min_alignment", 1) or 1)
-    return rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"], min_step=floor,
-                            group_widths=group_widths, group_ms=ms.get("group", ()))
+    rules = rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"], min_step=floor,
+                             group_widths=group_widths, group_ms=ms.get("group", ()))
+    return replace(rules, weight_stream=detect_weight_stream(backend)) if stream else rules
 
 
 def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = False
@@ -397,7 +410,8 @@ def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = Fal
     """The device's rules from ``<cache>/devices/<device_id>/kernel_rules.json``, detected and
     stored on first use (``cache`` default: ``autoprune.io.cache_dir()``; ``False``: detect
     every time, store nothing). ``refresh``: detect again and overwrite. Rules cached before
-    the grouped-conv sweep existed are detected again (once)."""
+    the grouped-conv sweep existed are detected again (once); rules cached before the
+    weight-streaming probe get the probe added (once)."""
     from pathlib import Path
 
     if cache is False:
@@ -407,6 +421,10 @@ def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = Fal
     if path.exists() and not refresh:
         rules = KernelRules.from_dict(read_json(path), source=str(path))
         if "group_widths" in rules.sweep:
+            if rules.weight_stream is not None:
+                return rules
+            rules = replace(rules, weight_stream=detect_weight_stream(backend))
+            atomic_write_json(path, {**rules.to_dict(), "device": backend.device_info().to_dict()})
             return rules
     rules = detect_kernel_rules(backend)
     atomic_write_json(path, {**rules.to_dict(), "device": backend.device_info().to_dict()})
