@@ -22,12 +22,16 @@ Without ``alignment`` the bundle carries the kernel-rules sweep (the fixed layer
 grids for steps 4, 8 and 16 (NEON's 4 floats per vector, AVX2's 8, AVX-512's 16); the import
 fits the device's ``KernelRules`` from the runner's timings with ``rules_from_sweep``, records
 them on the table and warns when their alignment is outside those grids (then export again
-with ``alignment=`` that step). ``kernel_rules=False`` carries the older one-axis alignment
+with ``alignment=`` that step). With the rules sweep come the weight-streaming probe chains
+(``autoprune.latency._memory``, entries of kind ``stream``, manifest ``weight_stream``): the
+import records the device's curve with its rules, as ``detect_kernel_rules`` does locally.
+``kernel_rules=False`` carries the older one-axis alignment
 sweep instead (``fit_alignment``), which bundles written before the rules still use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -48,6 +52,7 @@ from autoprune.latency import (
     KernelRules,
     rules_from_sweep,
 )
+from autoprune.latency._memory import PROBE_SIZES_MB, WeightStream, probe_chains
 from autoprune.latency._profile import (
     ALIGNMENT_CANDIDATES,
     WidthsOption,
@@ -74,11 +79,16 @@ def _entry_id(spec: LayerSpec, structure: Structure, density: float) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _fill_periodic(model: torch.nn.Module, period: int = 97) -> None:
-    """Overwrite float parameters with a short periodic pattern (compressible, no denormals)."""
-    base = 0.05 * torch.sin(torch.arange(period, dtype=torch.float32) * 0.7) + 0.01
+def _fill_periodic(model: torch.nn.Module, period: int = 97, distinct: bool = False) -> None:
+    """Overwrite float parameters with a short periodic pattern (compressible, no denormals).
+    ``distinct``: each parameter gets its own phase of the pattern, so that no two weight
+    tensors are equal (ONNX export or the runtime would share equal ones, and a chain of
+    layers with equal weights would read one tensor from cache instead of all of them)."""
     with torch.no_grad():
-        for p in model.parameters():
+        for i, p in enumerate(model.parameters()):
+            phase = 1 + i if distinct else 0
+            base = 0.05 * torch.sin((torch.arange(period, dtype=torch.float32) + phase) * 0.7) \
+                + 0.01
             n = p.numel()
             reps = math.ceil(n / period)
             p.copy_(base.repeat(reps)[:n].reshape(p.shape).to(p.dtype))
@@ -105,13 +115,17 @@ def export_bundle(
     progress: bool = True,
     kernel_rules: bool = True,
     rules_widths: Sequence[int] | None = None,
+    weight_stream_sizes: Sequence[float] | None = PROBE_SIZES_MB,
 ) -> Path:
     """Write a bundle for ``model`` into ``out_dir``; returns the manifest path.
 
     ``alignment``: the target's channel step if known; None → include a sweep and grids for
     4, 8 and 16. ``kernel_rules`` (with ``alignment=None``): the sweep is the kernel-rules
     sweep (``rules_widths``, default ``SWEEP_WIDTHS`` = 40..80, three axes), else the older
-    one-axis alignment sweep over widths 1..``sweep_max_width``. Only dense entries (ONNX
+    one-axis alignment sweep over widths 1..``sweep_max_width``. With the kernel-rules sweep
+    the bundle also carries the weight-streaming probe chains (``autoprune.latency._memory``;
+    ``weight_stream_sizes``: their total weights in MB, default 0.5–128; empty or None: no
+    probe), and the import records the device's curve with its rules. Only dense entries (ONNX
     Runtime CPU has no sparse kernels).
     """
     from tqdm.auto import tqdm
@@ -164,6 +178,21 @@ def export_bundle(
     entries = []
     formats: set[tuple[int, int]] = set()
     (out / "models").mkdir(parents=True, exist_ok=True)
+    stream: dict[str, list[Any]] | None = None
+    if rules_ids is not None and weight_stream_sizes:
+        stream = {"sizes_mb": [], "ids": []}
+        chains, chain_x, sizes = probe_chains(weight_stream_sizes)
+        for chain, mb in zip(chains, sizes):
+            eid = f"stream_{mb:.4f}mb"
+            rel = f"models/{eid}.onnx.gz"
+            if not (out / rel).exists():
+                _fill_periodic(chain, distinct=True)
+                data = to_onnx(chain, (chain_x,))
+                assert isinstance(data, bytes)
+                atomic_write_bytes(out / rel, gzip.compress(data, compresslevel=6, mtime=0))
+            entries.append({"id": eid, "file": rel, "kind": "stream", "weights_mb": mb})
+            stream["sizes_mb"].append(mb)
+            stream["ids"].append(eid)
     for (s, st, d), kind in tqdm(items.items(), desc="bundle export", unit="model",
                                  disable=not progress):
         eid = _entry_id(s, st, d)
@@ -197,6 +226,7 @@ def export_bundle(
         "sweep_layer": sweep_layer.to_dict() if sweep_layer is not None else None,
         "rules_sweep": ({"widths": rws, "group_widths": list(GROUP_SWEEP_WIDTHS), "ids": rules_ids}
                         if rules_ids is not None else None),
+        "weight_stream": stream,
         "entries": entries,
     }
     runner = Path(__file__).with_name("bundle_runner.py")
@@ -250,10 +280,17 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
     sweep_w: list[int] = []
     sweep_ms: list[float] = []
     rules_ms: dict[str, float] = {}
+    stream_ms: dict[str, float] = {}
     for eid, r in measured.items():
         entry = by_id.get(eid)
         if entry is None:
             raise CorruptFileError(f"{rpath}: entry {eid!r} is not in the bundle manifest {mpath}")
+        if entry.get("kind") == "stream":  # a weight-streaming probe chain, not a layer
+            try:
+                stream_ms[eid] = float(r["median_ms"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise CorruptFileError(f"{rpath}: entry {eid!r}: {err}") from None
+            continue
         try:
             spec = LayerSpec.from_dict(entry["spec"])
             sample = LatencySample(float(r["median_ms"]), float(r["iqr_ms"]), int(r["n_runs"]),
@@ -283,6 +320,9 @@ def import_bundle(results_path: str | Path, manifest_path: str | Path | None = N
     elif manifest.get("rules_sweep"):
         rules = _fit_rules(manifest["rules_sweep"], rules_ms, rpath)
         if rules is not None:
+            curve = _fit_stream(manifest.get("weight_stream"), stream_ms, rpath)
+            if curve is not None:
+                rules = dataclasses.replace(rules, weight_stream=curve)
             table.kernel_rules = rules
             table.alignment = step = rules.alignment
     elif sweep_w:
@@ -327,3 +367,20 @@ def _fit_rules(sweep: dict[str, Any], measured_ms: dict[str, float], rpath: Path
     ms = {axis: [measured_ms[i] for i in v] for axis, v in ids.items()}
     return rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"], group_widths=group_widths,
                             group_ms=ms.get("group", []))
+
+
+def _fit_stream(stream: Any, measured_ms: dict[str, float], rpath: Path) -> WeightStream | None:
+    """The device's ``WeightStream`` from the runner's timings of the probe chains (None when
+    the bundle has none or they are not all measured yet: the missing-entries warning says so)."""
+    if not stream:
+        return None
+    try:
+        ids = [str(i) for i in stream["ids"]]
+        sizes = [float(w) for w in stream["sizes_mb"]]
+        if len(ids) != len(sizes):
+            raise ValueError(f"{len(ids)} ids for {len(sizes)} sizes")
+        if any(i not in measured_ms for i in ids):
+            return None
+        return WeightStream(tuple(sizes), tuple(measured_ms[i] for i in ids))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(f"{rpath}: malformed weight_stream in the manifest ({e})") from None

@@ -332,7 +332,7 @@ def test_bundle_kernel_rules_round_trip(tmp_path):
     widths = list(range(48, 73))
     manifest = export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), tmp_path / "b",
                              spec=small_spec(16), protocol=QUICK, rules_widths=widths,
-                             progress=False)
+                             progress=False, weight_stream_sizes=(0.5, 1, 2, 4))
     man = json.loads(manifest.read_text())
     assert man["grid_alignments"] == [4, 8, 16] and man["rules_sweep"]["widths"] == widths
     ids = man["rules_sweep"]["ids"]
@@ -347,6 +347,22 @@ def test_bundle_kernel_rules_round_trip(tmp_path):
     assert isinstance(table.kernel_rules, KernelRules)
     assert table.alignment == table.kernel_rules.alignment
     assert table.kernel_rules.sweep["widths"] == widths
+    # the weight-streaming probe chains ran on the device and their curve is in its rules
+    assert len(man["weight_stream"]["ids"]) == 4
+    # no two layers of a chain carry equal weights: equal initializers are shared by the
+    # exporter or the runtime, and the chain would then stream one tensor, not eight (seen:
+    # 128 MB "streamed" at 64 GB/s on the Zen 4 VM, 21 GB/s with distinct weights)
+    import gzip
+
+    import onnx
+
+    chain = by_id[man["weight_stream"]["ids"][-1]]
+    graph = onnx.load_from_string(gzip.decompress((tmp_path / "b" / chain["file"]).read_bytes())).graph
+    blobs = [onnx.numpy_helper.to_array(t).tobytes() for t in graph.initializer]
+    assert len(blobs) >= 8 and len(set(blobs)) == len(blobs)
+    curve = table.kernel_rules.weight_stream
+    assert curve is not None and len(curve.sizes_mb) == 4
+    assert curve.sizes_mb[0] == pytest.approx(0.5, rel=0.1) and min(curve.chain_ms) > 0
     # too few widths for a fit: refused at export, naming the value
     with pytest.raises(ap.errors.InvalidInputError, match="rules_widths"):
         export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), tmp_path / "c",
@@ -431,7 +447,7 @@ def test_import_fits_neon_style_rules_from_runner_timings(tmp_path, step, warns)
     widths = list(range(40, 81))
     manifest = export_bundle(conv1d_net().eval(), torch.randn(1, 1, 40), tmp_path / "b",
                              spec=small_spec(16), protocol=QUICK, rules_widths=widths,
-                             progress=False)
+                             progress=False, weight_stream_sizes=())
     man = json.loads(manifest.read_text())
     ids = man["rules_sweep"]["ids"]
     gw = man["rules_sweep"]["group_widths"]

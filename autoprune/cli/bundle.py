@@ -24,6 +24,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--alignment", type=int, default=None,
                    help="channel step of the target; default: detect from a sweep in the bundle")
     e.add_argument("--quick", action="store_true", help="fast, noisier protocol")
+    e.add_argument("--no-weight-stream", action="store_true",
+                   help="leave out the weight-streaming probe chains (0.5-128 MB of weights; "
+                        "about 10 s on a desktop core, minutes on a small board or an emulator)")
     e.set_defaults(func=run_export)
     i = sub.add_parser("import", help="turn a runner's results.json into a latency table")
     i.add_argument("results", help="results JSON written by run_bundle.py")
@@ -38,6 +41,7 @@ def run_export(args: argparse.Namespace) -> int:
     from autoprune.bundle import export_bundle
     from autoprune.cli.common import load_model, parse_shape
     from autoprune.cli.profile import parse_widths
+    from autoprune.latency._memory import PROBE_SIZES_MB
     from autoprune.measure import ProtocolSettings
 
     model = load_model(args.model, num_classes=args.num_classes)
@@ -45,6 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
     manifest = export_bundle(
         model, x, args.out, widths=parse_widths(args.widths), alignment=args.alignment,
         protocol=ProtocolSettings.quick() if args.quick else None,
+        weight_stream_sizes=() if args.no_weight_stream else PROBE_SIZES_MB,
     )
     print(f"bundle written: {manifest.parent} (run: python {manifest.parent}/run_bundle.py "
           "--threads 1)")
