@@ -5,8 +5,8 @@ inferences find them there; once they do not, every layer's weights come from me
 every inference. Single-layer micro-models (the latency table) keep their own weights in cache,
 so a table sum under-counts a model whose weights, together, outgrow the cache: on the AVX-512
 EPYC Zen 4 VM (32 MiB L3 shared with other tenants), ResNet-18 at 32² (44.7 MB of weights)
-measured 1.83 ms where its table sum is 0.68 ms, and the plans of it below about 16 MB of
-weights measured at their table sums (BENCHMARKS.md, "Weight streaming").
+measured 1.83 ms where its table sum is 0.68 ms, while its plans below about 16 MB of weights
+measured 0.5–1.1x their table sums (BENCHMARKS.md, "Weight streaming").
 
 ``detect_weight_stream`` times, on the device, chains of ``CHAIN_LAYERS`` 1x1 convolutions at
 1x1 spatial size (pure weight traffic: one multiply-add per weight) whose total weights span
@@ -19,8 +19,9 @@ micro-models already paid for their own weights (≥ 0 because a convex curve th
 superadditive, and non-decreasing in every width). The latency models see it as a feature
 (``stream_ms``); they learn how much of it the layers' compute hides.
 
-Measured on the Zen 4 VM (``benchmarks/bench_memory.py``): 12–13 µs/MB while the chain's weights fit
-(about 80 GB/s), about 40 µs/MB (25 GB/s) beyond 45 MB, the bend between 16 and 45 MB.
+Measured on the Zen 4 VM (``benchmarks/bench_memory.py``, four probes within two hours): 11–12 µs/MB
+while the chain's weights fit (about 85 GB/s), 43–51 µs/MB (20–23 GB/s) beyond 45 MB, the knee at
+12–20 MB (other tenants share the L3).
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ class KernelRules:
     group_step: int = 1
     group_penalty: float = 1.0
     #: the device's weight-streaming curve (``autoprune.latency._memory``; None: not probed,
-    #: e.g. rules fitted from a bundle's sweep): what a model pays once its weights outgrow the
-    #: caches
+    #: e.g. a bundle exported without the probe chains): what a model pays once its weights
+    #: outgrow the caches
     weight_stream: WeightStream | None = field(default=None, compare=False, hash=False)
 
     @property
