@@ -496,3 +496,19 @@ def test_fingerprint_of_a_published_pi4_cpuinfo_under_a_32_bit_kernel():
     assert fp["device_name"] == "ARM Cortex-A72"
     assert fp["arch"] == "armv7l" and "neon" in fp["isa_flags"]
     assert not {"avx", "avx2", "sse4_2"} & set(fp["isa_flags"])
+
+
+def test_runner_times_each_sweep_as_one_interleaved_batch():
+    """The rules sweep and the probe chains are each timed in one round-robin batch (a slow
+    spell must hit every width alike); table entries go in resumable chunks."""
+    from autoprune.bundle_runner import _batches
+
+    todo = ([{"id": f"g{i}", "kind": "grid"} for i in range(10)]
+            + [{"id": f"r{i}", "kind": "rules"} for i in range(20)]
+            + [{"id": "gr", "kind": "grid+rules"}]
+            + [{"id": f"s{i}", "kind": "stream"} for i in range(5)])
+    batches = _batches(todo, 8)
+    assert [e["id"] for e in batches[0]] == [f"r{i}" for i in range(20)] + ["gr"]
+    assert [e["id"] for e in batches[1]] == [f"s{i}" for i in range(5)]
+    assert [len(b) for b in batches[2:]] == [8, 2]
+    assert sorted(e["id"] for b in batches for e in b) == sorted(e["id"] for e in todo)

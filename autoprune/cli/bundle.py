@@ -25,8 +25,9 @@ def register(subparsers: Any) -> None:
                    help="channel step of the target; default: detect from a sweep in the bundle")
     e.add_argument("--quick", action="store_true", help="fast, noisier protocol")
     e.add_argument("--no-weight-stream", action="store_true",
-                   help="leave out the weight-streaming probe chains (0.5-128 MB of weights; "
-                        "about 10 s on a desktop core, minutes on a small board or an emulator)")
+                   help="leave out the weight-streaming probe chains (0.5-128 MB of weights, "
+                        "timed together: about 10 s and 2.3 GB of memory on a desktop core; "
+                        "minutes on a small board or an emulator)")
     e.set_defaults(func=run_export)
     i = sub.add_parser("import", help="turn a runner's results.json into a latency table")
     i.add_argument("results", help="results JSON written by run_bundle.py")
