@@ -190,7 +190,7 @@ def export_bundle(
                 data = to_onnx(chain, (chain_x,))
                 assert isinstance(data, bytes)
                 atomic_write_bytes(out / rel, gzip.compress(data, compresslevel=6, mtime=0))
-            entries.append({"id": eid, "file": rel, "kind": "stream", "weights_mb": mb})
+            entries.append({"id": eid, "file": rel, "kind": "stream"})
             stream["sizes_mb"].append(mb)
             stream["ids"].append(eid)
     for (s, st, d), kind in tqdm(items.items(), desc="bundle export", unit="model",

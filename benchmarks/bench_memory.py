@@ -26,16 +26,12 @@ def main() -> None:
     args = p.parse_args()
 
     import autoprune as ap
-    from autoprune.latency._memory import PROBE_PROTOCOL, WeightStream, probe_chains
+    from autoprune.latency._memory import WeightStream, probe_rounds
 
     backend = ap.get_backend(args.backend)
-    backend.protocol = PROBE_PROTOCOL
-    models, x, sizes = probe_chains()
     t0 = time.perf_counter()
-    rounds = [[s.median_ms for s in backend.measure_interleaved(models, x)]
-              for _ in range(max(1, args.repeats))]
+    sizes, r = probe_rounds(backend, repeats=args.repeats)
     seconds = time.perf_counter() - t0
-    r = np.asarray(rounds)
     med = np.median(r, axis=0)
     ws = WeightStream(tuple(sizes), tuple(med.tolist()))
     extra = ws.extra_ms(sizes)

@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predictor import _eval_plans, _model  # noqa: E402
-
-KINDS = ("space", "uniform_aligned", "uniform_unaligned")
+from bench_predictor import KINDS, _eval_plans, _model  # noqa: E402
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ micro-models already paid for their own weights (≥ 0 because a convex curve th
 superadditive, and non-decreasing in every width). The latency models see it as a feature
 (``stream_ms``); they learn how much of it the layers' compute hides.
 
-Measured on the Zen 4 VM (``benchmarks/bench_memory.py``, four probes within two hours): 11–12 µs/MB
-while the chain's weights fit (about 85 GB/s), 43–51 µs/MB (20–23 GB/s) beyond 45 MB, the knee at
-12–20 MB (other tenants share the L3).
+Measured on the Zen 4 VM (``benchmarks/bench_memory.py`` and the probes of BENCHMARKS.md "Weight
+streaming"): 11–12 µs/MB while the chain's weights fit (about 85 GB/s), 43–61 µs/MB (16–23 GB/s)
+beyond 45 MB, the knee at 12–20 MB (other tenants share the L3).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,11 +68,9 @@ class WeightStream:
             raise ValueError("need >= 3 ascending positive sizes with as many positive times")
 
     # -- the curve -------------------------------------------------------------------------
+    @cached_property
     def _fit(self) -> tuple[float, float, np.ndarray, np.ndarray]:
         """(a, b, knots W, extra at the knots): the resident line and the convex curve above it."""
-        cached = self.__dict__.get("_fitted")
-        if cached is not None:
-            return cached  # type: ignore[no-any-return]
         from sklearn.isotonic import IsotonicRegression
 
         w, t = np.asarray(self.sizes_mb, float), np.asarray(self.chain_ms, float)
@@ -90,26 +89,24 @@ class WeightStream:
         slopes = IsotonicRegression(y_min=0.0, increasing=True).fit_transform(
             knots[1:], slopes, sample_weight=dw)
         curve = np.concatenate([[0.0], np.cumsum(slopes * dw)])
-        fitted = (a, b, knots, curve)
-        object.__setattr__(self, "_fitted", fitted)
-        return fitted
+        return a, b, knots, curve
 
     @property
     def resident_ms_per_mb(self) -> float:
         """Cost per MB of weights that stay in cache (the line's slope)."""
-        return self._fit()[1]
+        return self._fit[1]
 
     @property
     def streaming_ms_per_mb(self) -> float:
         """Cost per MB beyond the largest probe (resident cost + the curve's last slope)."""
-        _, b, knots, curve = self._fit()
+        _, b, knots, curve = self._fit
         return b + float((curve[-1] - curve[-2]) / (knots[-1] - knots[-2]))
 
     @property
     def knee_mb(self) -> float:
         """Weights (MB) at which the extra cost reaches a tenth of the streaming cost's excess
         over the resident cost (where a model starts to notice; ``inf`` if it never does)."""
-        _, b, knots, curve = self._fit()
+        _, b, knots, curve = self._fit
         excess = self.streaming_ms_per_mb - b
         if excess <= 0:
             return math.inf
@@ -120,7 +117,7 @@ class WeightStream:
     def extra_ms(self, weights_mb: Any) -> np.ndarray:
         """Extra ms a forward pass pays over the resident line for ``weights_mb`` of weights
         (array-like, >= 0): the convex curve, extended past the largest probe at its last slope."""
-        _, _, knots, curve = self._fit()
+        _, _, knots, curve = self._fit
         w = np.maximum(0.0, np.asarray(weights_mb, dtype=float))
         last = (curve[-1] - curve[-2]) / (knots[-1] - knots[-2])
         out = np.interp(w, knots, curve)
@@ -168,10 +165,10 @@ def probe_chains(sizes_mb: Sequence[float] = PROBE_SIZES_MB, layers: int = CHAIN
     return models, torch.randn(1, STEM_CHANNELS, 1, 1), sizes
 
 
-def detect_weight_stream(backend: Backend, sizes_mb: Sequence[float] = PROBE_SIZES_MB,
-                         repeats: int = 2, protocol: Any = None) -> WeightStream:
-    """Time the probe chains on ``backend`` (interleaved, ``repeats`` rounds, median per size).
-    About 10 s per round on ORT CPU, 1 thread."""
+def probe_rounds(backend: Backend, sizes_mb: Sequence[float] = PROBE_SIZES_MB,
+                 repeats: int = 2, protocol: Any = None) -> tuple[list[float], np.ndarray]:
+    """(exact chain weights in MB, [repeats, sizes] medians): the probe chains timed on
+    ``backend`` interleaved, ``repeats`` rounds, under ``protocol`` (default ``PROBE_PROTOCOL``)."""
     models, x, sizes = probe_chains(sizes_mb)
     old = backend.protocol
     backend.protocol = protocol or PROBE_PROTOCOL
@@ -180,8 +177,17 @@ def detect_weight_stream(backend: Backend, sizes_mb: Sequence[float] = PROBE_SIZ
                 for _ in range(max(1, int(repeats)))]
     finally:
         backend.protocol = old
-    med = np.median(np.asarray(runs, dtype=float), axis=0)
+    return sizes, np.asarray(runs, dtype=float)
+
+
+def detect_weight_stream(backend: Backend, sizes_mb: Sequence[float] = PROBE_SIZES_MB,
+                         repeats: int = 2, protocol: Any = None) -> WeightStream:
+    """The device's curve from ``probe_rounds`` (median per size over rounds). About 10 s per
+    round on ORT CPU, 1 thread."""
+    sizes, runs = probe_rounds(backend, sizes_mb, repeats, protocol)
+    med = np.median(runs, axis=0)
     return WeightStream(tuple(round(s, 4) for s in sizes), tuple(float(v) for v in med))
 
 
-__all__ = ["PROBE_SIZES_MB", "WeightStream", "detect_weight_stream", "probe_chains"]
+__all__ = ["PROBE_SIZES_MB", "WeightStream", "detect_weight_stream", "probe_chains",
+           "probe_rounds"]

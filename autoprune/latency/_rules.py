@@ -380,11 +380,10 @@ def _jsonable(rss: dict[int, float]) -> dict[str, float | None]:
 
 def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None,
                         widths: Sequence[int] = SWEEP_WIDTHS,
-                        group_widths: Sequence[int] = GROUP_SWEEP_WIDTHS, stream: bool = True
-                        ) -> KernelRules:
+                        group_widths: Sequence[int] = GROUP_SWEEP_WIDTHS) -> KernelRules:
     """Sweep the fixed layers on ``backend`` ``repeats`` times (interleaved; each width's
-    median over repeats) and fit the rules. About 8 s per repeat on ORT CPU, 1 thread.
-    ``stream``: also probe the weight-streaming curve (``detect_weight_stream``, about 20 s)."""
+    median over repeats) and fit the rules (about 8 s per repeat on ORT CPU, 1 thread), then
+    probe the weight-streaming curve (``detect_weight_stream``, about 20 s)."""
     axes = sweep_axes(widths, group_widths)
     items = sweep_items(widths, group_widths)
     old = backend.protocol
@@ -402,7 +401,7 @@ def detect_kernel_rules(backend: Backend, repeats: int = 2, protocol: Any = None
     floor = int(getattr(backend, "min_alignment", 1) or 1)
     rules = rules_from_sweep(widths, ms["in"], ms["out"], ms["dw"], min_step=floor,
                              group_widths=group_widths, group_ms=ms.get("group", ()))
-    return replace(rules, weight_stream=detect_weight_stream(backend)) if stream else rules
+    return replace(rules, weight_stream=detect_weight_stream(backend))
 
 
 def cached_kernel_rules(backend: Backend, cache: Any = None, refresh: bool = False
