@@ -42,6 +42,9 @@ class VerifyReport:
     device: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: the latency model's prediction for the reference (dense) model, when known
     predicted_reference_ms: float | None = None
+    #: the reference (dense) model as measured while the latency model was fitted, when known:
+    #: the denominator of the predicted share of dense (else ``predicted_reference_ms``)
+    fitted_reference_ms: float | None = None
 
     @property
     def paired_ms(self) -> float | None:
@@ -74,11 +77,18 @@ class VerifyReport:
         return (self.predicted_ms - self.latency_ms) / self.latency_ms
 
     @property
+    def _reference_then_ms(self) -> float | None:
+        """Dense as the latency model knew it: measured during its fit, else its prediction."""
+        return self.fitted_reference_ms or self.predicted_reference_ms
+
+    @property
     def predicted_ratio(self) -> float | None:
-        """Predicted model / predicted reference: the prediction as a share of dense."""
-        if self.predicted_ms is None or not self.predicted_reference_ms:
+        """The prediction as a share of dense: predicted model / dense as measured during the
+        latency model's fit (/ its prediction for dense when that is not known)."""
+        ref = self._reference_then_ms
+        if self.predicted_ms is None or not ref:
             return None
-        return self.predicted_ms / self.predicted_reference_ms
+        return self.predicted_ms / ref
 
     @property
     def ratio_prediction_error(self) -> float | None:
@@ -100,12 +110,13 @@ class VerifyReport:
 
     @property
     def device_drift(self) -> float | None:
-        """Dense measured now / dense as the latency model predicts it, minus 1: how far the
-        device's speed (or this run's timing of the dense model) moved from what the latency
-        model was fitted on; the part of ``prediction_error`` the share of dense cancels."""
-        if self.reference is None or not self.predicted_reference_ms:
+        """Dense measured now / dense during the latency model's fit (else as it predicts
+        dense), minus 1: how far the device's speed (or this run's timing of the dense model)
+        moved since the fit; the part of ``prediction_error`` the share of dense cancels."""
+        ref = self._reference_then_ms
+        if self.reference is None or not ref:
             return None
-        return self.reference.median_ms / self.predicted_reference_ms - 1.0
+        return self.reference.median_ms / ref - 1.0
 
     def to_dict(self) -> dict[str, Any]:
         def sample(s: LatencySample | None) -> dict[str, float] | None:
@@ -128,6 +139,7 @@ class VerifyReport:
             "predicted_ms": self.predicted_ms,
             "prediction_error": self.prediction_error,
             "predicted_reference_ms": self.predicted_reference_ms,
+            "fitted_reference_ms": self.fitted_reference_ms,
             "predicted_ratio": self.predicted_ratio,
             "ratio_prediction_error": self.ratio_prediction_error,
             "predicted_now_ms": self.predicted_now_ms,
@@ -169,8 +181,13 @@ class VerifyReport:
         drift = self.device_drift
         note = ""
         if drift is not None and self.reference is not None:
-            note = (f"; dense measured {self.reference.median_ms:.4g} ms now vs "
-                    f"{self.predicted_reference_ms:.4g} ms predicted, {100 * drift:+.1f}%")
+            then = (f"{self.fitted_reference_ms:.4g} ms during the fit"
+                    if self.fitted_reference_ms else
+                    f"{self.predicted_reference_ms:.4g} ms predicted")
+            if self.fitted_reference_ms and self.predicted_reference_ms:
+                then += f" ({self.predicted_reference_ms:.4g} predicted)"
+            note = (f"; dense measured {self.reference.median_ms:.4g} ms now vs {then}, "
+                    f"{100 * drift:+.1f}%")
         label = "  as fitted" if now is not None else "predicted"
         out.append(f"{indent}{label:<{width}} {self.predicted_ms:.4g} ms{band} "
                    f"({100 * (self.prediction_error or 0):+.1f}% vs measured now{note})")
@@ -214,13 +231,16 @@ def verify(
     predicted_ms: float | None = None,
     budget_fraction: float | None = None,
     predicted_reference_ms: float | None = None,
+    fitted_reference_ms: float | None = None,
 ) -> VerifyReport:
     """Measure ``model`` on ``backend`` (a name or a Backend object) and report against a budget.
 
     With ``reference`` (usually the dense model) both are timed alternately and the paired
     ratio is reported; ``predicted_ms`` (e.g. ``predictor.predict(plan)``) is compared to the
     measurement; ``predicted_reference_ms`` (the prediction for ``reference``) also compares
-    them as shares of dense (``ratio_prediction_error``). ``budget_fraction`` (instead of ``budget_ms``, needs ``reference``) sets the
+    them as shares of dense (``ratio_prediction_error``); ``fitted_reference_ms`` (the reference
+    as measured when the latency model was fitted, ``autoprune.latency.fitted_dense_ms``) is
+    the better denominator of that share when known. ``budget_fraction`` (instead of ``budget_ms``, needs ``reference``) sets the
     budget to that share of the reference's latency measured now, so the verdict is
     ``paired ratio <= budget_fraction`` and immune to the machine's speed drifting.
     """
@@ -255,6 +275,7 @@ def verify(
         ratio_iqr=ratio_iqr,
         device=device,
         predicted_reference_ms=predicted_reference_ms,
+        fitted_reference_ms=fitted_reference_ms,
     )
 
 

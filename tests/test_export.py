@@ -137,3 +137,19 @@ def test_verify_report_reanchors_the_prediction_to_dense_measured_now():
     bare = VerifyReport("ort", LatencySample(1.5, 0.1, 30, 1.4), predicted_ms=1.4)
     assert bare.predicted_now_ms is None and bare.device_drift is None
     assert "speed now" not in str(bare) and "1.4 ms" in str(bare)
+
+
+def test_verify_report_takes_the_share_against_dense_as_measured_during_the_fit():
+    """The latency model's targets are on the scale of dense measured during its fit; its own
+    prediction for the dense plan (here 20% low, an extreme plan) must not skew the share."""
+    from autoprune.export import VerifyReport
+    from autoprune.measure import LatencySample
+
+    r = VerifyReport("ort", LatencySample(1.5, 0.1, 30, 1.4), predicted_ms=0.9,
+                     reference=LatencySample(4.0, 0.2, 30, 3.9), ratio=0.375,
+                     predicted_reference_ms=3.2, fitted_reference_ms=4.0)
+    assert r.predicted_ratio == pytest.approx(0.9 / 4.0)
+    assert r.device_drift == pytest.approx(0.0)
+    assert r.ratio_prediction_error == pytest.approx(0.9 / 4.0 / 0.375 - 1)
+    assert "4 ms during the fit (3.2 predicted), +0.0%" in str(r)
+    assert r.to_dict()["fitted_reference_ms"] == 4.0

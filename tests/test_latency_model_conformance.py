@@ -97,3 +97,31 @@ def test_anything_else_is_refused_with_a_clear_error():
     with pytest.raises(ap.errors.InvalidInputError, match="LatencyModel"):
         as_latency_model(42)
     assert isinstance(as_latency_model(lambda plan: 1.0), CallableLatencyModel)
+
+
+def test_fitted_dense_ms_is_dense_as_measured_during_the_fit(model):
+    from autoprune.latency import fitted_dense_ms
+
+    got = fitted_dense_ms(model)
+    if isinstance(model, CallableLatencyModel):
+        assert got is None  # a user's function measured nothing
+    elif isinstance(model, TableLatencyModel):
+        dense_anchor = max(model.anchors_)  # the dense plan has the largest table sum
+        assert got == pytest.approx(dense_anchor[1])
+    else:  # fitted on a dataset without the dense model timed beside each plan
+        assert got is None
+
+
+def test_fitted_dense_ms_of_a_paired_predictor_is_the_median_dense_over_chunks(setup):
+    from autoprune.latency import fitted_dense_ms
+
+    s = setup
+    plans = PlanSampler(s["spec"], 8).sample(np.random.default_rng(1), 24)
+    feats = PlanFeaturizer(s["spec"], s["table"]).frame([p for _, p in plans])
+    chunk = np.arange(len(plans)) // 8
+    rows = pd.DataFrame({"plan_json": [p.to_json(indent=None) for _, p in plans],
+                         "kind": [k for k, _ in plans], "chunk": chunk,
+                         "ref_ms": np.array([2.0, 3.0, 5.0])[chunk],
+                         "measured_ms": 1.2 * feats["table_ms"] + 0.01})
+    fitted = LatencyPredictor(random_state=0).fit(table=s["table"], spec=s["spec"], dataset=rows)
+    assert fitted_dense_ms(fitted) == pytest.approx(3.0)

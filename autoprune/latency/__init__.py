@@ -14,6 +14,7 @@ One concept per private module; the names below are the package's public surface
   table-only ``TableLatencyModel``.
 """
 
+from autoprune.latency._model import fitted_dense_ms
 from autoprune.latency._predictor import LatencyPredictor
 from autoprune.latency._profile import profile
 from autoprune.latency._regressors import Regressor
@@ -30,5 +31,6 @@ from autoprune.latency._rules import (
 from autoprune.latency._table import LatencyTable
 
 __all__ = ["GROUP_SWEEP_WIDTHS", "SWEEP_WIDTHS", "KernelRules", "LatencyPredictor",
-           "LatencyTable", "Regressor", "accuracy_metrics", "cached_kernel_rules", "detect_kernel_rules", "profile",
-           "rules_from_sweep", "sweep_layers"]
+           "LatencyTable", "Regressor", "accuracy_metrics", "cached_kernel_rules",
+           "detect_kernel_rules", "fitted_dense_ms", "profile", "rules_from_sweep",
+           "sweep_layers"]

@@ -48,7 +48,8 @@ class TableLatencyModel:
     interval is the anchors' own measurement spread (relative IQR), widened by the worst
     leave-one-out error when there are three or more anchors: a floor on the uncertainty, not a
     calibrated band. Fitted attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (table
-    sum, measured ms) pairs, ``rel_spread_``.
+    sum, measured ms) pairs, ``rel_spread_``, ``dense_ms_`` (the dense anchor as measured,
+    None when no anchor is the dense plan).
     """
 
     def __init__(self, table: Any, spec: ModelSpec, miss_policy: str = "interpolate") -> None:
@@ -86,6 +87,8 @@ class TableLatencyModel:
             a, b = 0.0, float(ms.mean() / sums.mean())
         self.intercept_ms_, self.slope_ = float(a), float(b)
         self.anchors_ = list(zip(sums.tolist(), ms.tolist()))
+        dense = [float(m) for p, m in zip(plans, ms) if not p.groups]
+        self.dense_ms_ = dense[0] if dense else None
         spread = max(float(s.iqr_ms / s.median_ms) for s in samples)
         if len(plans) >= 3:
             for i in range(len(plans)):
@@ -130,6 +133,16 @@ class CallableLatencyModel:
         return p, p
 
 
+def fitted_dense_ms(model: Any) -> float | None:
+    """The dense model's latency as measured while ``model`` was fitted (``dense_ms_`` of a
+    ``LatencyPredictor``: the median over its paired chunks; a ``TableLatencyModel``'s dense
+    anchor), or None (a callable, an unfitted model). A prediction divided by it is the
+    model's estimate of the paired share of dense: its targets are on that scale, where its
+    own prediction for the dense plan carries the fit's error at the extreme plan."""
+    ms = getattr(model, "dense_ms_", None)  # NaN: fitted unpaired, no dense beside the plans
+    return float(ms) if ms is not None and np.isfinite(ms) and ms > 0 else None
+
+
 def as_latency_model(obj: Any) -> LatencyModel:
     """``obj`` if it is a ``LatencyModel``; a plain callable ``plan -> ms`` wrapped."""
     if isinstance(obj, LatencyModel):
@@ -142,4 +155,5 @@ def as_latency_model(obj: Any) -> LatencyModel:
     )
 
 
-__all__ = ["CallableLatencyModel", "LatencyModel", "TableLatencyModel", "as_latency_model"]
+__all__ = ["CallableLatencyModel", "LatencyModel", "TableLatencyModel", "as_latency_model",
+           "fitted_dense_ms"]

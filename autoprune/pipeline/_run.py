@@ -44,7 +44,7 @@ from autoprune.io import (
     read_json,
     safe_torch_load,
 )
-from autoprune.latency._model import as_latency_model
+from autoprune.latency._model import as_latency_model, fitted_dense_ms
 from autoprune.pipeline._config import FinetuneOptions, SearchConfig
 from autoprune.pipeline._report import PipelineReport
 from autoprune.pipeline._state import RunState, Step
@@ -337,7 +337,8 @@ def run_pipeline(
                                if predictor is not None else None)
             vrep = verify(pruned, args, backend, budget_ms=budget.ms, reference=model,
                           predicted_ms=predicted_ms, budget_fraction=budget.fraction,
-                          predicted_reference_ms=dense_predicted)
+                          predicted_reference_ms=dense_predicted,
+                          fitted_reference_ms=fitted_dense_ms(predictor))
             atomic_write_json(verify_path, vrep.to_dict())
 
     # 8. export -----------------------------------------------------------------------------
@@ -497,6 +498,7 @@ def _verify_from_json(path: Path) -> VerifyReport:
         predicted_ms=d.get("predicted_ms"), reference=sample(d.get("reference")),
         ratio=d.get("ratio"), ratio_iqr=d.get("ratio_iqr"), device=d.get("device", {}),
         predicted_reference_ms=d.get("predicted_reference_ms"),
+        fitted_reference_ms=d.get("fitted_reference_ms"),
     )
 
 
