@@ -14,7 +14,11 @@ the methods are brought to the budget and fine-tuned with the same recipe
   distinct feasible plans re-scored after ``--proxy-finetune-steps`` SGD steps
   (``search(refine_evaluator=..., refine_top_k=8)``), the choice made among those;
 - ``autoprune_greedy`` / ``autoprune_random``: the same search with the ``greedy`` (knapsack on
-  per-layer sensitivity) or ``random`` strategy and the same trial count;
+  weight magnitude) or ``random`` strategy and the same trial count;
+- ``autoprune_sensitivity`` / ``autoprune_greedy_sensitivity``: the TPE / greedy search whose
+  greedy path (TPE's warm start) trades latency against the proxy's measured drop per group
+  (``search(importance=<table>)``, ``SensitivityProxy``: one group pruned at a time, measured
+  once per model and space in ``--work`` and reused by every budget and seed);
 - ``uniform16``: the same keep ratio on every channel group, widths rounded to 16, the largest
   ratio whose measured latency fits the budget (bisection on measured latency);
 - ``uniform_aligned``: the same, widths rounded to the device's alignment (kernel rules);
@@ -60,11 +64,12 @@ from torch.utils.data import DataLoader, Subset
 
 MODELS = ("resnet18", "mobilenet_v2", "conv1d")
 METHODS = ("autoprune", "autoprune_ftproxy", "autoprune_refined", "autoprune_greedy",
-           "autoprune_random",
+           "autoprune_random", "autoprune_sensitivity", "autoprune_greedy_sensitivity",
            "uniform16", "uniform_aligned", "tp_global", "tp_global_rounded")
 #: the search strategy of each autoprune method
 STRATEGY = {"autoprune": "tpe", "autoprune_ftproxy": "tpe", "autoprune_refined": "tpe",
-            "autoprune_greedy": "greedy", "autoprune_random": "random"}
+            "autoprune_greedy": "greedy", "autoprune_random": "random",
+            "autoprune_sensitivity": "tpe", "autoprune_greedy_sensitivity": "greedy"}
 #: classes of each image task
 N_CLASSES = {"digits": 10, "glyphs": 64}
 
@@ -244,7 +249,8 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
                     predictor_samples: int, proxy_steps: int = 0,
                     tag: str = "autoprune", tables_root: Path | None = None,
                     train_device: str = "cpu", strategy: str = "tpe", refine_steps: int = 0,
-                    budget_rounds: int = 1) -> tuple[nn.Module, Any, str]:
+                    budget_rounds: int = 1, sensitivity: bool = False
+                    ) -> tuple[nn.Module, Any, str]:
     """The pipeline's ``budget_fraction`` mode: search at the anchored budget (predicted latency
     of the widest uniform plan measured within ``frac``; ``frac x predicted dense`` if none) and
     take the best-proxy feasible plan whose paired measured ratio is <= frac (no headroom here
@@ -298,13 +304,19 @@ def autoprune_model(model: nn.Module, x: torch.Tensor, backend: Any, frac: float
                                    device=train_device)
     refine = (accuracy_evaluator(hold, calib_loader=train, finetune_steps=refine_steps,
                                  device=train_device) if refine_steps else None)
+    def importance(opts: dict[str, Any]) -> Any:
+        if not sensitivity:
+            return "magnitude"
+        return work / ("_".join([f"sensitivity_{name}", *(f"{k}{v}" for k, v in opts.items())])
+                       + ".csv")
+
     def run_search(trials: int, root: Path) -> Any:
         return lambda ms, opts, sub: search(
             model, (x,), device=backend, latency_budget_ms=ms, evaluator=evaluator,
             n_trials=trials, strategy=strategy, table=cache["table"], predictor=predictor,
             run_dir=root / sub, seed=seed, progress=False, spec=spec,
             verify_finalists=False, space_options=opts, refine_evaluator=refine,
-            refine_top_k=8)
+            refine_top_k=8, importance=importance(opts))
 
     def finalists_of(res: Any) -> Any:
         return select_finalists(res.trials, model, (x,), spec, backend,
@@ -400,7 +412,8 @@ def run(args: argparse.Namespace) -> None:
                             dense, x, backend, frac, hold, train, args.n_trials, seed, cache,
                             work, name, spec, args.predictor_samples, steps, method,
                             Path(args.tables_root) if args.tables_root else None,
-                            args.train_device, STRATEGY[method], rsteps, args.budget_rounds)
+                            args.train_device, STRATEGY[method], rsteps, args.budget_rounds,
+                            sensitivity=method.endswith("_sensitivity"))
                         ratio, iqr = paired(backend, pruned, dense, x)
                         plan_note = (note + " " if note else "") + plan.to_json(indent=None)
                     elif method == "uniform16":

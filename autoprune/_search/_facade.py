@@ -105,6 +105,7 @@ def search(
     proxy_tolerance: float = 0.0,
     refine_evaluator: Callable[[nn.Module], float] | None = None,
     refine_top_k: int = 8,
+    importance: str | Path | Any = "magnitude",
 ) -> SearchResult:
     """Search per-group pruning plans for ``model`` under ``latency_budget_ms`` on ``device``.
 
@@ -134,6 +135,13 @@ def search(
     ``refine_evaluator``: a costlier proxy (e.g. ``accuracy_evaluator(val, calib_loader=train,
     finetune_steps=50)``) for the ``refine_top_k`` best distinct feasible plans of the study
     (``refine_proxies``; column ``proxy_refined``); finalists are then taken from those first.
+
+    ``importance``: what the greedy knapsack (strategy ``greedy`` and the Optuna strategies'
+    warm start) trades latency against: ``"magnitude"`` (data-free weight magnitude kept),
+    ``"sensitivity"`` (``SensitivityProxy``: ``evaluator``'s drop with one group pruned at a
+    few widths, measured once into ``run_dir/sensitivity.csv`` and reused on resume), a path
+    (that table: loaded if it exists, else measured and saved there, so searches at other
+    budgets reuse it), or any plan evaluator (``evaluate_plan(plan) -> float``).
     """
     search_budget = check_budget(latency_budget_ms)
     budget = float(search_budget.ms)  # type: ignore[arg-type]
@@ -229,12 +237,13 @@ def search(
     study_name = study_name or stem
     from autoprune.evaluators import ImportanceProxy
 
-    importance = ImportanceProxy(model, spec).fit()
-    proxy = CachedProxy(evaluator if evaluator is not None else importance, model,
+    magnitude = ImportanceProxy(model, spec).fit()
+    proxy = CachedProxy(evaluator if evaluator is not None else magnitude, model,
                         example_inputs, spec)
+    guide = _importance(importance, magnitude, proxy, space, rd, evaluator is not None, progress)
     problem = SearchProblem(space=space, latency_ms=latency_ms, proxy=proxy, budget_ms=budget,
                             storage=_storage(storage, rd), study_name=study_name, seed=seed,
-                            importance=importance)
+                            importance=guide)
 
     # search, finalists -------------------------------------------------------------------------
     trials = optimize(problem, strat, n_trials, latency_model=as_latency_model(predictor),
@@ -256,6 +265,39 @@ def search(
     if rd is not None:
         result.save(rd)
     return result
+
+
+def _importance(importance: str | Path | Any, magnitude: Any, proxy: CachedProxy,
+                space: SearchSpace, run_dir: Path | None, has_evaluator: bool,
+                progress: bool) -> Any:
+    """The plan evaluator the greedy knapsack uses (see ``search(importance=...)``)."""
+    from autoprune.evaluators import PlanEvaluator
+
+    if isinstance(importance, PlanEvaluator):
+        return importance
+    if not isinstance(importance, (str, Path)):
+        raise InvalidInputError(f"importance must be 'magnitude', 'sensitivity', a path to a "
+                                f"sensitivity table or a plan evaluator, got "
+                                f"{type(importance).__name__}")
+    if importance == "magnitude":
+        return magnitude
+    from autoprune._search._sensitivity import SensitivityProxy
+
+    if importance == "sensitivity":
+        path = run_dir / "sensitivity.csv" if run_dir is not None else None
+    else:
+        path = Path(importance)
+    sens = SensitivityProxy(space, proxy)
+    if path is not None and path.exists():
+        return sens.load(path)
+    if not has_evaluator:
+        raise InvalidInputError("importance='sensitivity' measures the evaluator's drop per "
+                                "group: pass evaluator= (e.g. autoprune.evaluators."
+                                "accuracy_evaluator(val_loader))")
+    sens.fit(progress=progress)
+    if path is not None:
+        sens.save(path)
+    return sens
 
 
 def _check_table_device(table: Any, backend: Any) -> None:

@@ -85,7 +85,11 @@ class SearchConfig:
     searches once more, with half the trials, when the chosen plan measures under 95% of the
     budget: at the first search's budget scaled by what it measured (at most 1.5x), keeping the
     second choice if it meets the budget with a proxy at least as good. Off by default (1): on
-    the glyphs benchmark at 32² the second choice was never kept (BENCHMARKS.md)."""
+    the glyphs benchmark at 32² the second choice was never kept (BENCHMARKS.md).
+    ``importance``: what the greedy warm start trades latency against (``autoprune.search``):
+    ``"magnitude"`` (default, data-free) or ``"sensitivity"`` (the search proxy's drop per
+    group, measured once into ``run_dir/sensitivity.csv``; needs ``val_loader``), or a path to
+    such a table shared by several runs on the same model."""
 
     n_trials: int = 60
     strategy: Any = "tpe"
@@ -102,6 +106,7 @@ class SearchConfig:
     refine_top_k: int = 0
     refine_finetune_steps: int = 50
     budget_rounds: int = 1
+    importance: str | Path = "magnitude"
 
     def __post_init__(self) -> None:
         _int("SearchConfig.n_trials", self.n_trials, 1)
@@ -121,6 +126,9 @@ class SearchConfig:
         if self.study_name is not None and not isinstance(self.study_name, str):
             raise InvalidInputError(f"SearchConfig.study_name must be a string, got "
                                     f"{self.study_name!r}")
+        if not isinstance(self.importance, (str, Path)):
+            raise InvalidInputError(f"SearchConfig.importance must be 'magnitude', "
+                                    f"'sensitivity' or a path, got {self.importance!r}")
         if not isinstance(self.verify_finalists, bool):
             raise InvalidInputError(f"SearchConfig.verify_finalists must be True or False, got "
                                     f"{self.verify_finalists!r}")

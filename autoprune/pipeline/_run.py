@@ -184,6 +184,9 @@ def run_pipeline(
         raise InvalidInputError("SearchConfig.refine_top_k needs train_loader and val_loader "
                                 "(the refined proxy fine-tunes on the first and scores on the "
                                 "second)")
+    if sc.importance == "sensitivity" and val_loader is None and search_evaluator is None:
+        raise InvalidInputError("SearchConfig(importance='sensitivity') measures the search "
+                                "proxy's drop per group: pass val_loader (or search_evaluator)")
     from autoprune._analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.executor import apply_plan
@@ -408,6 +411,8 @@ def _search_step(model: nn.Module, args: tuple[Any, ...], spec: ModelSpec, table
 
     def run_search(budget_ms: float, subdir: str, n_trials: int) -> Any:
         kwargs = {**sc.search_kwargs(), "n_trials": n_trials}
+        if sc.importance == "sensitivity":  # one measurement for both search rounds
+            kwargs["importance"] = run_dir / "sensitivity.csv"
         if kwargs["study_name"] is not None and subdir != "search":
             kwargs["study_name"] = f"{kwargs['study_name']}-{subdir}"
         return search(model, args, device=backend, latency_budget_ms=budget_ms,

@@ -1,9 +1,10 @@
-"""Greedy knapsack-style baseline over the latency model: no evaluator needed.
+"""Greedy knapsack-style baseline over the latency model.
 
 Starting from the dense plan, each step narrows the one group (by one step of its width grid,
 or switches it to 2:4 where the space offers that) that saves the most predicted latency per
-unit of importance lost (``problem.importance``, the data-free weight-magnitude proxy), until the
-predicted latency is within the budget. The path it walks is a cheap accuracy/latency curve:
+unit of importance lost (``problem.importance``: by default the data-free weight-magnitude
+proxy; ``search(importance="sensitivity")`` gives the evaluator's measured drop per group,
+``SensitivityProxy``), until the predicted latency is within the budget. The path it walks is a cheap accuracy/latency curve:
 ``GreedyStrategy`` evaluates ``n_trials`` plans along it with the real proxy, and its end point
 is enqueued as the warm start of the Optuna strategies (``greedy_plan``).
 """
@@ -33,7 +34,7 @@ def greedy_path(problem: SearchProblem, stop_ms: float | None = None, max_moves:
     space = problem.space
     imp = problem.importance
     if imp is None:
-        raise InvalidInputError("greedy needs problem.importance (a data-free plan evaluator)")
+        raise InvalidInputError("greedy needs problem.importance (a plan evaluator)")
     stop = problem.budget_ms if stop_ms is None else stop_ms
     groups = [c for c in space.searchable_groups if c.kind == "channel"]
     params: dict[str, Any] = {}
