@@ -124,6 +124,38 @@ class LayerSpec:
         return w + (self.out_channels if self.bias else 0)
 
     @property
+    def tap_fraction(self) -> float:
+        """Share of the kernel's taps that meet the input at some output position: 1.0 but for
+        a conv whose input is smaller than its kernel's reach. ONNX Runtime's CPU convolutions
+        never read a tap that only ever meets padding: a 3x3 conv at 1x1 spatial size (padding
+        1) multiplies its centre tap only (four 3x3 512->512 convs at 1x1 cost 0.22 ms against
+        5.1 ms at 2x2, AVX2 EPYC VM, BENCHMARKS.md "Weights a conv never reads")."""
+        if not self.op.is_conv or not self.kernel or len(self.input_size) != len(self.kernel):
+            return 1.0
+        frac = 1.0
+        for i, n in enumerate(self.input_size):
+            k, s, p, d = self.kernel[i], self.stride[i], self.padding[i], self.dilation[i]
+            n_out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+            if n_out <= 0:
+                return 1.0
+            used = 0
+            for t in range(k):  # tap t reads input o*s - p + t*d of output o
+                lo, hi = p - t * d, n - 1 + p - t * d  # o*s must lie in [lo, hi]
+                o = max(0, -(-lo // s))
+                used += int(o <= n_out - 1 and o * s <= hi)
+            frac *= used / k
+        return frac
+
+    @property
+    def touched_params(self) -> float:
+        """Parameters a forward pass reads: the weights of the taps that meet the input
+        (``tap_fraction``) and the bias."""
+        if self.op == OpKind.ATTENTION:
+            return 0.0
+        w = self.out_channels * (self.in_channels // self.groups) * _prod(self.kernel)
+        return w * self.tap_fraction + (self.out_channels if self.bias else 0)
+
+    @property
     def macs(self) -> int:
         if self.op == OpKind.ATTENTION:
             seq = _prod(self.input_size)

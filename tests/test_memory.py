@@ -87,14 +87,70 @@ def test_the_dense_resnet18_streams_and_a_small_plan_does_not():
     from autoprune.zoo import torchvision_model
 
     model = torchvision_model("resnet18", num_classes=10).eval()
-    x = torch.randn(1, 3, 32, 32)
     device = ap.get_backend("synthetic", protocol=ProtocolSettings.quick())
+    stream = {}
+    for size in (64, 32):
+        x = torch.randn(1, 3, size, size)
+        spec = ap.analyze(model, (x,))
+        table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
+                           kernel_rules=KernelRules(weight_stream=_hinge_curve()))
+        frame = PlanFeaturizer(spec, table).frame([PruningPlan.dense(spec),
+                                                   PruningPlan.uniform(spec, 0.25)])
+        stream[size] = frame["stream_ms"].iloc[0]
+        assert frame["stream_ms"].iloc[1] == pytest.approx(0.0, abs=1e-9)  # about 3 MB
+    # 64²: all 44.7 MB are read (layers of at most 9.4 MB): 0.029 ms per MB beyond 16 MB
+    assert stream[64] == pytest.approx(0.029 * (44.7 - 16), rel=0.02)
+    # 32²: layer4's 3x3 convs run at 1x1 and read their centre tap only: about 17 MB are read
+    assert stream[32] == pytest.approx(0.029 * (17.0 - 16), abs=0.01)
+
+
+def test_a_conv_reads_only_the_taps_that_meet_its_input():
+    from autoprune.types import LayerSpec, OpKind
+
+    def conv(size, k=3, stride=1, pad=1):
+        return LayerSpec(op=OpKind.CONV2D, in_channels=512, out_channels=512, kernel=(k, k),
+                         stride=(stride, stride), padding=(pad, pad), dilation=(1, 1),
+                         input_size=(size, size), bias=False)
+
+    assert conv(1).tap_fraction == pytest.approx(1 / 9)  # the centre tap only
+    assert conv(1).touched_params == pytest.approx(conv(1).params / 9)
+    assert conv(2, stride=2).tap_fraction == pytest.approx(4 / 9)  # 2x2 -> 1x1: taps 1 and 2
+    assert conv(2).tap_fraction == 1.0  # 2x2 output: every tap meets the input somewhere
+    assert conv(56).tap_fraction == 1.0
+    assert conv(1, k=1, pad=0).tap_fraction == 1.0
+    assert conv(224, k=7, stride=2, pad=3).tap_fraction == 1.0
+    lin = LayerSpec(op=OpKind.LINEAR, in_channels=512, out_channels=10)
+    assert lin.touched_params == lin.params
+
+
+@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
+def test_the_table_model_prices_plans_between_its_anchors_with_the_streaming_term():
+    # the synthetic device pays 0.029 ms per MB of weights read beyond 16 MB, as the hinge
+    # curve says: the dense resnet18 at 64² (44.7 MB) streams, the 0.25 anchor (about 3 MB)
+    # does not, so a line through the two table sums over-prices the plans between them
+    import torch
+
+    from autoprune.executor import apply_plan
+    from autoprune.latency._model import TableLatencyModel
+    from autoprune.zoo import torchvision_model
+
+    model = torchvision_model("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    device = ap.get_backend("synthetic", protocol=ProtocolSettings.quick(), cache_mb=16.0,
+                            cache_penalty_ms_per_mb=0.029)
     spec = ap.analyze(model, (x,))
-    table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
-                       kernel_rules=KernelRules(weight_stream=_hinge_curve()))
-    f = PlanFeaturizer(spec, table)
-    dense = PruningPlan.dense(spec)
-    small = PruningPlan.uniform(spec, 0.25)
-    frame = f.frame([dense, small])
-    assert frame["stream_ms"].iloc[0] > 0.3  # 44.7 MB of weights, layers of at most 9.4 MB
-    assert frame["stream_ms"].iloc[1] == pytest.approx(0.0, abs=1e-9)  # about 3 MB
+    anchors = [PruningPlan.dense(spec), PruningPlan.uniform(spec, 0.25)]
+    # (on the width grid the table measured: the table sum is exact there)
+    mids = [PruningPlan.uniform(spec, r) for r in (0.5, 0.75)]
+    truth = np.array([device.model_cost_ms(apply_plan(model, p, x, spec=spec), x) for p in mids])
+    errors = {}
+    for name, rules in (("with", KernelRules(weight_stream=_hinge_curve())),
+                        ("without", KernelRules())):
+        table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
+                           kernel_rules=rules)
+        tm = TableLatencyModel(table, spec).fit(model, x, device, anchors)
+        errors[name] = np.abs(tm.predict_many(mids) / truth - 1.0)
+        if name == "with":
+            assert np.all(tm.base_ms(anchors) > tm.table_sum_ms(anchors) - 1e-12)
+    assert errors["with"].max() < 1e-6  # the device's own law, on the grid
+    assert errors["without"].max() > 0.01  # a line through the table sums misses it

@@ -3,6 +3,7 @@ report, monotonicity, save/load round trip, errors; then the real pipeline on sm
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from autoprune.errors import InvalidInputError, InvalidPlanError, NotFittedError, TableMismatchError
 from autoprune.latency import LatencyPredictor, accuracy_metrics
+from autoprune.latency._featurize import FEATURES_VERSION
 from autoprune.latency._featurize import CompiledSpec as _Compiled
 from autoprune.plan import GroupPlan, PruningPlan, random_plan
 from autoprune.types import (
@@ -211,6 +213,17 @@ def test_save_and_load_predict_identically(tmp_path):
     # a table that changed since fitting is refused, not silently mixed
     with pytest.raises(TableMismatchError, match="refit"):
         LatencyPredictor.load(path, table=StairTable(scale=1.5))
+    # a dataset whose features an earlier definition computed is refitted on features
+    # computed now (its measurements stay valid), with a warning, not refused as a changed table
+    meta = json.loads((tmp_path / "tables" / "predictor.csv.json").read_text())
+    assert meta["features_version"] == FEATURES_VERSION
+    del meta["features_version"]
+    (tmp_path / "tables" / "predictor.csv.json").write_text(json.dumps(meta))
+    stored["stream_ms"] = 1.0  # what the earlier definition would have stored
+    stored.to_csv(path, index=False)
+    with pytest.warns(UserWarning, match="earlier definition"):
+        old = LatencyPredictor.load(path, table=StairTable())
+    np.testing.assert_allclose(old.predict_many(plans), pred.predict_many(plans), rtol=1e-9)
 
 
 def test_unfitted_use_and_bad_arguments_raise_clear_errors():

@@ -18,8 +18,9 @@ rule per group).
 
 A whole model costs the sum of its layers (found by ``autoprune.analyze``; masked layers use
 their mask's structure and density) plus a nonlinear whole-model term: ``model_overhead_ms`` +
-``cache_penalty_ms_per_mb`` per MB of float32 weights beyond ``cache_mb``. So a predictor that
-sums table entries is exact up to that term, which it has to learn.
+``cache_penalty_ms_per_mb`` per MB of float32 weights read (``LayerSpec.touched_params``) beyond
+``cache_mb``. So a predictor that sums table entries is exact up to that term, which it has to
+learn.
 
 The device fingerprint records the options and ``cost_fn``'s qualified name (two different
 lambdas share the name ``<lambda>``: give custom cost functions distinct names).
@@ -186,11 +187,11 @@ class SyntheticBackend(Backend):
         spec = analyze(model, as_input_tuple(example_inputs))
         modules = dict(model.named_modules())
         total = 0.0
-        params = 0
+        params = 0.0
         for name, layer in spec.layers.items():
             structure, density = _mask_structure(modules.get(name))
             total += self.layer_cost_ms(layer.spec, structure, density)
-            params += layer.spec.params
+            params += layer.spec.touched_params  # what a forward pass reads
         weights_mb = params * 4 / 1e6
         total += self.model_overhead_ms
         total += self.cache_penalty_ms_per_mb * max(0.0, weights_mb - self.cache_mb)

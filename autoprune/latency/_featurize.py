@@ -186,6 +186,11 @@ REGIME_FEATURES = ("table_ms_off", "off_act_m")
 #: what the whole model pays once its weights outgrow the caches (``autoprune.latency._memory``;
 #: 0 where the device's rules carry no weight-streaming probe)
 MEMORY_FEATURES = ("stream_ms",)
+#: version of the features' definitions, stored with every fitted dataset: a dataset whose
+#: features an earlier definition computed is refitted on features computed now (its
+#: measurements stay valid). 2 (2026-12-03): ``stream_ms`` from the weights a forward pass reads
+#: (``LayerSpec.touched_params``), not every weight
+FEATURES_VERSION = 2
 #: extra features of the non-monotone regressor
 FREE_FEATURES = ("misaligned_share", "misaligned_table_ms", "blocks_removed")
 
@@ -232,11 +237,11 @@ class PlanFeaturizer:
         enc = c.encode(plans)
         cin, cout, lstruct, ldens, present = c.layer_arrays(enc)
         n_p, n_l = cin.shape
-        vals = np.zeros((6, n_p, n_l))
+        vals = np.zeros((7, n_p, n_l))
         for j in range(n_l):
             vals[:, :, j] = self._layer_values(j, cin[:, j], cout[:, j], lstruct[:, j],
                                                ldens[:, j])
-        lat, macs, params, act, off, in_act = vals
+        lat, macs, params, act, off, in_act, touched = vals
         pm = present.astype(float)
         lat = lat * pm
         total = lat.sum(axis=1)
@@ -254,8 +259,9 @@ class PlanFeaturizer:
         cols.append((lat * offp).sum(axis=1))  # time spent in slow kernel paths
         cols.append((in_act * offp).sum(axis=1) / 1e6)  # tensors re-laid-out around them
         stream = getattr(self.rules, "weight_stream", None)
-        # float32 weights (MB) per layer; a removed layer streams nothing
-        cols.append(stream.plan_stream_ms(params * pm * 4 / 1e6) if stream is not None
+        # float32 weights (MB) each layer reads (a tap that only meets padding is not read); a
+        # removed layer streams nothing
+        cols.append(stream.plan_stream_ms(touched * pm * 4 / 1e6) if stream is not None
                     else np.zeros(n_p))
         if self.free:
             mis = ((cout % self.alignment) != 0) & present
@@ -271,8 +277,9 @@ class PlanFeaturizer:
     def _layer_values(
         self, j: int, cin: np.ndarray, cout: np.ndarray, st: np.ndarray, dens: np.ndarray
     ) -> np.ndarray:
-        """[6, P]: table latency, MACs, params, activation elements, off-fast-path flag and
-        input activation elements of layer ``j`` for each plan. Each distinct (widths,
+        """[7, P]: table latency, MACs, params, activation elements, off-fast-path flag, input
+        activation elements and the parameters a forward pass reads (``touched_params``) of
+        layer ``j`` for each plan. Each distinct (widths,
         structure, density) is looked up once and cached; a mask structure the device does not
         accelerate is priced dense (what the table's own lookup does)."""
         st = np.where(self._accelerated[st], st, 0)
@@ -292,7 +299,7 @@ class PlanFeaturizer:
                     pos = index[k] = len(keys)
                     keys.append(k)
                 inv[i] = pos
-        vals = np.array([self._lookup(k) for k in keys], dtype=float).reshape(len(keys), 6)
+        vals = np.array([self._lookup(k) for k in keys], dtype=float).reshape(len(keys), 7)
         out: np.ndarray = vals[inv].T
         return out
 
@@ -308,7 +315,7 @@ class PlanFeaturizer:
         off = float(self.rules.off_fast_path(spec)) if self.rules is not None else 0.0
         in_act = spec.batch * spec.in_channels * _prod(spec.input_size)
         val = (ms, float(spec.macs), float(spec.params), float(spec.activation_elems), off,
-               float(in_act))
+               float(in_act), float(spec.touched_params))
         self._cache[key] = val
         return val
 
@@ -327,4 +334,5 @@ def plan_signature(compiled: CompiledSpec, plan: PruningPlan) -> bytes:
             + enc.removed.tobytes())
 
 
-__all__ = ["CompiledSpec", "EncodedPlans", "PlanFeaturizer", "plan_signature"]
+__all__ = ["FEATURES_VERSION", "CompiledSpec", "EncodedPlans", "PlanFeaturizer",
+           "plan_signature"]

@@ -39,7 +39,12 @@ class LatencyModel(Protocol):
 
 class TableLatencyModel:
     """Table sums mapped affinely onto whole-model latency measured on the device for a few
-    anchor plans (e.g. the dense plan and the space's fastest plan): ``a + b x table_sum``.
+    anchor plans (e.g. the dense plan and the space's fastest plan): ``a + b x base``, where
+    ``base`` is the table sum plus the plan's weight-streaming cost (``stream_ms``: what the
+    whole model pays once its weights outgrow the caches, beyond what each layer's micro-model
+    paid; 0 where the table's kernel rules carry no probe). Without that term a straight line
+    through the dense plan (44.7 MB of weights in resnet18, streamed from memory at 32²) and a
+    small plan (in cache) over-prices every plan between them.
 
     Cheaper than ``LatencyPredictor`` (a few measurements instead of a sampled dataset) and less
     accurate away from the anchors; ``search(predictor="table")`` uses it. Widths are priced by
@@ -47,8 +52,8 @@ class TableLatencyModel:
     raises for a profiled model; "measure" times each new width on the fit backend). The
     interval is the anchors' own measurement spread (relative IQR), widened by the worst
     leave-one-out error when there are three or more anchors: a floor on the uncertainty, not a
-    calibrated band. Fitted attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (table
-    sum, measured ms) pairs, ``rel_spread_``, ``dense_ms_`` (the dense anchor as measured,
+    calibrated band. Fitted attributes: ``intercept_ms_``, ``slope_``, ``anchors_`` (base
+    ms, measured ms) pairs, ``rel_spread_``, ``dense_ms_`` (the dense anchor as measured,
     None when no anchor is the dense plan).
     """
 
@@ -66,6 +71,12 @@ class TableLatencyModel:
     def table_sum_ms(self, plans: Sequence[PruningPlan]) -> np.ndarray:
         return self._featurizer().table_sum_ms(list(plans))
 
+    def base_ms(self, plans: Sequence[PruningPlan]) -> np.ndarray:
+        """What the affine map is applied to: the table sum plus ``stream_ms`` per plan."""
+        f = self._featurizer()
+        x = f.matrix(list(plans))
+        return np.asarray(x[:, 0] + x[:, f.names.index("stream_ms")], dtype=float)
+
     def fit(self, model: Any, example_inputs: Any, backend: Any,
             plans: Sequence[PruningPlan]) -> TableLatencyModel:
         """Measure ``plans`` (at least two, of different table sums) interleaved on
@@ -75,7 +86,7 @@ class TableLatencyModel:
         if len(plans) < 2:
             raise InvalidInputError("TableLatencyModel.fit needs at least two plans")
         self._featurizer(backend if self.miss_policy == "measure" else None)
-        sums = self.table_sum_ms(plans)
+        sums = self.base_ms(plans)
         if np.ptp(sums) <= 0:
             raise InvalidInputError("the calibration plans have equal table sums; pass plans "
                                     "of different widths")
@@ -103,7 +114,7 @@ class TableLatencyModel:
             raise NotFittedError("TableLatencyModel is not fitted; call fit(...) first")
         if len(plans) == 0:
             return np.zeros(0)
-        sums = self.table_sum_ms(plans)
+        sums = self.base_ms(plans)
         # floored like LatencyPredictor: never <= 0 even where the affine map would be
         return np.maximum(self.intercept_ms_ + self.slope_ * sums, 0.2 * self.slope_ * sums)
 

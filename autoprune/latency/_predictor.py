@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,7 +50,7 @@ from autoprune.latency._dataset import (
     read_meta,
     write_dataset,
 )
-from autoprune.latency._featurize import PlanFeaturizer
+from autoprune.latency._featurize import FEATURES_VERSION, PlanFeaturizer
 from autoprune.latency._regressors import Regressor, make_regressor
 from autoprune.latency._report import REPORT_COLUMNS, accuracy_metrics, interval_coverage
 from autoprune.latency._sampler import PlanSampler
@@ -359,6 +360,7 @@ class LatencyPredictor:
             "params": self.get_params(),
             "regressor_selected": getattr(self, "regressor_", None),
             "feature_names": self.feature_names_,
+            "features_version": FEATURES_VERSION,
             "device": device.to_dict() if device is not None and hasattr(device, "to_dict")
             else None,
             "table_alignment": self.alignment_,
@@ -413,7 +415,14 @@ class LatencyPredictor:
         est._setup(spec, table)
         est.data_path_ = path
         stored = [c for c in est.feature_names_ if c in rows.columns]
-        if stored and len(stored) == len(est.feature_names_):
+        outdated = meta.get("features_version", 1) != FEATURES_VERSION
+        if outdated:
+            warnings.warn(
+                f"{path}: its features were computed by an earlier definition (features "
+                f"version {meta.get('features_version', 1)}, now {FEATURES_VERSION}); refitted "
+                "on features computed now from the same measured plans, so predictions differ "
+                "from the saved fit", stacklevel=2)
+        elif stored and len(stored) == len(est.feature_names_):
             fresh = est._plan_features(rows)
             a, b = rows[stored].to_numpy(float), fresh[stored].to_numpy(float)
             if not np.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True):
@@ -422,7 +431,7 @@ class LatencyPredictor:
                     f"the latency table gives other numbers than when {path} was fitted "
                     f"(first differing plan at row {worst}); refit the predictor on this table"
                 )
-        est._fit_rows(rows, recompute_features=False)
+        est._fit_rows(rows, recompute_features=outdated)
         est.fit_seconds_ = 0.0
         return est
 
