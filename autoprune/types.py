@@ -128,8 +128,9 @@ class LayerSpec:
         """Share of the kernel's taps that meet the input at some output position: 1.0 but for
         a conv whose input is smaller than its kernel's reach. ONNX Runtime's CPU convolutions
         never read a tap that only ever meets padding: a 3x3 conv at 1x1 spatial size (padding
-        1) multiplies its centre tap only (four 3x3 512->512 convs at 1x1 cost 0.22 ms against
-        5.1 ms at 2x2, AVX2 EPYC VM, BENCHMARKS.md "Weights a conv never reads")."""
+        1) multiplies its centre tap only (four 3x3 512->512 convs at 1x1 cost 0.20 ms against
+        5.0 ms at 2x2 on the Zen 2 VM: ``benchmarks/bench_taps.py``, BENCHMARKS.md "A fourth
+        device")."""
         if not self.op.is_conv or not self.kernel or len(self.input_size) != len(self.kernel):
             return 1.0
         frac = 1.0

@@ -43,8 +43,8 @@ class TableLatencyModel:
     ``base`` is the table sum plus the plan's weight-streaming cost (``stream_ms``: what the
     whole model pays once its weights outgrow the caches, beyond what each layer's micro-model
     paid; 0 where the table's kernel rules carry no probe). Without that term a straight line
-    through the dense plan (44.7 MB of weights in resnet18, streamed from memory at 32²) and a
-    small plan (in cache) over-prices every plan between them.
+    through the dense plan (resnet18 at 64² reads 44.7 MB of weights per inference, from memory)
+    and a small plan (in cache) over-prices every plan between them.
 
     Cheaper than ``LatencyPredictor`` (a few measurements instead of a sampled dataset) and less
     accurate away from the anchors; ``search(predictor="table")`` uses it. Widths are priced by
