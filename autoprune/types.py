@@ -134,9 +134,8 @@ class LayerSpec:
         if not self.op.is_conv or not self.kernel or len(self.input_size) != len(self.kernel):
             return 1.0
         frac = 1.0
-        for i, n in enumerate(self.input_size):
+        for i, (n, n_out) in enumerate(zip(self.input_size, self.output_size)):
             k, s, p, d = self.kernel[i], self.stride[i], self.padding[i], self.dilation[i]
-            n_out = (n + 2 * p - d * (k - 1) - 1) // s + 1
             if n_out <= 0:
                 return 1.0
             used = 0
@@ -151,10 +150,8 @@ class LayerSpec:
     def touched_params(self) -> float:
         """Parameters a forward pass reads: the weights of the taps that meet the input
         (``tap_fraction``) and the bias."""
-        if self.op == OpKind.ATTENTION:
-            return 0.0
-        w = self.out_channels * (self.in_channels // self.groups) * _prod(self.kernel)
-        return w * self.tap_fraction + (self.out_channels if self.bias else 0)
+        bias = self.out_channels if self.bias and self.op != OpKind.ATTENTION else 0
+        return (self.params - bias) * self.tap_fraction + bias
 
     @property
     def macs(self) -> int:
