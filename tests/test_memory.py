@@ -104,6 +104,34 @@ def test_the_dense_resnet18_streams_and_a_small_plan_does_not():
     assert stream[32] == pytest.approx(0.029 * (17.0 - 16), abs=0.01)
 
 
+@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
+def test_the_fast_path_features_split_time_and_streaming_by_kernel_path():
+    import torch
+
+    from autoprune.zoo import torchvision_model
+
+    model = torchvision_model("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    spec = ap.analyze(model, (x,))
+    device = ap.get_backend("synthetic", protocol=ProtocolSettings.quick())
+    rules = KernelRules(in_step=4, in_penalty=1.5, weight_stream=_hinge_curve())
+    table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
+                       kernel_rules=rules)
+    # keep 0.9 unaligned: 58, 115, 230, 461 channels, every input off the step of 4 but the
+    # stem's 3; still about 36 MB of weights, past the 16 MB knee
+    plans = [PruningPlan.dense(spec), PruningPlan.uniform(spec, 0.9)]
+    frame = PlanFeaturizer(spec, table).frame(plans)
+    np.testing.assert_allclose(frame["table_ms_fast"] + frame["table_ms_off"],
+                               frame["table_ms"], rtol=1e-9)
+    dense, unaligned = frame.iloc[0], frame.iloc[1]
+    assert dense["table_ms_off"] == 0.0
+    assert dense["stream_ms"] > 0 and dense["stream_ms_fast"] == pytest.approx(dense["stream_ms"])
+    # off the fast path: the time is off-path time and almost none of the streaming is
+    assert unaligned["stream_ms"] > 0
+    assert unaligned["stream_ms_fast"] < 0.02 * unaligned["stream_ms"]
+    assert unaligned["table_ms_fast"] < 0.1 * unaligned["table_ms"]
+
+
 def test_a_conv_reads_only_the_taps_that_meet_its_input():
     from autoprune.types import LayerSpec, OpKind
 

@@ -181,16 +181,23 @@ class CompiledSpec:
 # ------------------------------------------------------------------------------------------
 # Features
 # ------------------------------------------------------------------------------------------
-#: features that describe which layers leave the device's fast kernels (kernel rules)
-REGIME_FEATURES = ("table_ms_off", "off_act_m")
+#: features that describe which layers leave the device's fast kernels (kernel rules):
+#: time spent off the fast path, the tensors re-laid-out around it, and time spent *on* it. The
+#: last one lets the non-negative linear model price the two paths with their own factors: in a
+#: whole resnet18 at 64² the blocked convolutions cost about twice their micro-models, the
+#: others about 1.05x (BENCHMARKS.md, "Blocked layers pay twice in context")
+REGIME_FEATURES = ("table_ms_off", "off_act_m", "table_ms_fast")
 #: what the whole model pays once its weights outgrow the caches (``autoprune.latency._memory``;
-#: 0 where the device's rules carry no weight-streaming probe)
-MEMORY_FEATURES = ("stream_ms",)
+#: 0 where the device's rules carry no weight-streaming probe), in all and the share of it
+#: read by layers on the fast path (the blocked kernels stall on weights fetched from beyond
+#: the cache; the other path packs them and hides most of it)
+MEMORY_FEATURES = ("stream_ms", "stream_ms_fast")
 #: version of the features' definitions, stored with every fitted dataset: a dataset whose
 #: features an earlier definition computed is refitted on features computed now (its
 #: measurements stay valid). 2 (2026-12-03): ``stream_ms`` from the weights a forward pass reads
-#: (``LayerSpec.touched_params``), not every weight
-FEATURES_VERSION = 2
+#: (``LayerSpec.touched_params``), not every weight. 3 (2026-12-03): ``table_ms_fast`` and
+#: ``stream_ms_fast``
+FEATURES_VERSION = 3
 #: extra features of the non-monotone regressor
 FREE_FEATURES = ("misaligned_share", "misaligned_table_ms", "blocks_removed")
 
@@ -258,11 +265,15 @@ class PlanFeaturizer:
         offp = off * pm
         cols.append((lat * offp).sum(axis=1))  # time spent in slow kernel paths
         cols.append((in_act * offp).sum(axis=1) / 1e6)  # tensors re-laid-out around them
+        cols.append((lat * (pm - offp)).sum(axis=1))  # time spent on the fast path
         stream = getattr(self.rules, "weight_stream", None)
         # float32 weights (MB) each layer reads (a tap that only meets padding is not read); a
         # removed layer streams nothing
-        cols.append(stream.plan_stream_ms(touched * pm * 4 / 1e6) if stream is not None
-                    else np.zeros(n_p))
+        read_mb = touched * pm * 4 / 1e6
+        streamed = stream.plan_stream_ms(read_mb) if stream is not None else np.zeros(n_p)
+        fast_mb = (read_mb * (1.0 - off)).sum(axis=1)
+        cols.append(streamed)
+        cols.append(streamed * fast_mb / np.maximum(read_mb.sum(axis=1), 1e-12))
         if self.free:
             mis = ((cout % self.alignment) != 0) & present
             cols.append(mis.sum(axis=1) / np.maximum(1, present.sum(axis=1)))
