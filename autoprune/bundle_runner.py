@@ -368,6 +368,7 @@ def run_protocol(
     settle_ms: float = 3.0,
     burst_runs: int = 5,
     target_rel_se: float = 0.0,
+    lockstep: bool = False,
 ) -> List[List[float]]:
     """Time several configurations round-robin until each is stable or the cap is hit.
 
@@ -380,8 +381,13 @@ def run_protocol(
     ``max_runs`` runs or when ``time_cap_s`` (per configuration, so the cap of a chunk is
     ``time_cap_s * len``) is spent, but never before ``min_runs``. The warm-up gives each
     configuration ``warmup_runs`` runs, but spends at most a fifth of ``time_cap_s`` on one
-    (at least one run): every timed burst settles first anyway. Returns every configuration's
-    list of times.
+    (at least one run): every timed burst settles first anyway. ``lockstep``: no configuration
+    stops before the others (all stop together once every one of them is stable, or at the
+    cap), so all medians come from the same stretch of time; timings that are compared with
+    each other (a plan against the dense model) need it: stopped one by one, the stable ones
+    early, a chunk's ratios to dense moved 11-23% between repeats on a 2-vCPU VM, in lockstep
+    2-6% (BENCHMARKS.md, "Ratios from the same stretch of time"). Returns every
+    configuration's list of times.
     """
     k = len(timed_calls)
     for call in timed_calls:
@@ -402,7 +408,7 @@ def run_protocol(
             continue
         out_of_time = time.perf_counter() > deadline
         if out_of_time or round_no % check_every == 0:
-            active = [
+            going = [
                 i
                 for i in active
                 if not out_of_time
@@ -410,6 +416,9 @@ def run_protocol(
                 and rel_iqr(times[i]) > target_rel_iqr
                 and median_rel_se(times[i]) > target_rel_se
             ]
+            stop_all = lockstep and (out_of_time or not going
+                                     or any(len(times[i]) >= max_runs for i in active))
+            active = [] if stop_all else active if lockstep else going
     return times
 
 

@@ -5,7 +5,8 @@
   interquartile range is at most ``target_rel_iqr``; every configuration stops at
   ``max_runs`` or when ``time_cap_s`` (per configuration) is spent, never before ``min_runs``;
 * several configurations are timed round-robin (``measure_interleaved``) so that drift of a
-  shared machine hits all of them alike;
+  shared machine hits all of them alike; whole models compared with each other are timed in
+  lockstep (none stops before the others);
 * paired ratios (``measure_ratio``): a candidate and a reference alternate, and the median of
   the per-pair ratios is far steadier than two absolute medians taken apart;
 * no configuration is timed cold: each sample is a burst (run untimed for ``settle_ms``, then
@@ -112,13 +113,16 @@ def measure(call: TimedCall, settings: ProtocolSettings | None = None) -> Latenc
 
 
 def measure_interleaved(
-    calls: Sequence[TimedCall], settings: ProtocolSettings | None = None
+    calls: Sequence[TimedCall], settings: ProtocolSettings | None = None,
+    lockstep: bool = False,
 ) -> list[LatencySample]:
-    """Time several configurations round-robin; one ``LatencySample`` each, in order."""
+    """Time several configurations round-robin; one ``LatencySample`` each, in order.
+    ``lockstep``: all are timed until the last one stops (``bundle_runner.run_protocol``), for
+    timings compared with each other."""
     if not calls:
         return []
     settings = settings or ProtocolSettings()
-    times = _core.run_protocol(list(calls), **_protocol_kwargs(settings))
+    times = _core.run_protocol(list(calls), **_protocol_kwargs(settings), lockstep=lockstep)
     return [to_sample(t) for t in times]
 
 

@@ -42,6 +42,24 @@ def test_noisy_call_runs_to_max_runs():
     assert s.spread > 0.01
 
 
+def test_lockstep_keeps_a_stable_call_going_while_a_noisy_one_runs():
+    settings = ProtocolSettings(warmup_runs=0, min_runs=8, max_runs=40, target_rel_iqr=0.05,
+                                target_rel_se=0.0, time_cap_s=5.0, settle_ms=0.0,
+                                burst_runs=1)
+
+    def calls():
+        noisy = itertools.cycle([1.0, 3.0, 0.5, 2.0])
+        return [lambda: 1.0, lambda: next(noisy)]
+
+    apart = measure_interleaved(calls(), settings)
+    assert [s.n_runs for s in apart] == [8, 40]  # the stable one stopped first
+    together = measure_interleaved(calls(), settings, lockstep=True)
+    assert [s.n_runs for s in together] == [40, 40]  # the same stretch of time
+    # and all stop together once every one is stable
+    both_stable = measure_interleaved([lambda: 1.0, lambda: 2.0], settings, lockstep=True)
+    assert [s.n_runs for s in both_stable] == [8, 8]
+
+
 def test_precise_median_stops_a_noisy_call_before_max_runs():
     # IQR 10% of the median never meets target_rel_iqr=1%, but after ~90 runs the median's
     # estimated standard error is below 1%: the precision rule stops it there

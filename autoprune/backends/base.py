@@ -141,12 +141,13 @@ class Backend(ABC):
     def measure_interleaved(
         self, models: Sequence[nn.Module], example_inputs: Any
     ) -> list[LatencySample]:
-        """Time several models round-robin on the same inputs; one sample per model."""
+        """Time several models round-robin on the same inputs, in lockstep (none stops before
+        the others: they are compared with each other); one sample per model."""
         self._require()
         if not models:
             raise InvalidInputError("measure_interleaved needs at least one model")
         timers = [self._timer_for_model(m, example_inputs) for m in models]
-        return measure_interleaved(timers, self.protocol)
+        return measure_interleaved(timers, self.protocol, lockstep=True)
 
     def measure_ratio(
         self, model: nn.Module, reference: nn.Module, example_inputs: Any
