@@ -385,8 +385,8 @@ def run_protocol(
     stops before the others (all stop together once every one of them is stable, or at the
     cap), so all medians come from the same stretch of time; timings that are compared with
     each other (a plan against the dense model) need it: stopped one by one, the stable ones
-    early, a chunk's ratios to dense moved 11-23% between repeats on a 2-vCPU VM, in lockstep
-    2-6% (BENCHMARKS.md, "Ratios from the same stretch of time"). Returns every
+    early, a chunk's ratios to dense moved 4-23% between repeats on a 2-vCPU VM, in lockstep
+    1-6% (BENCHMARKS.md, "Ratios from the same stretch of time"). Returns every
     configuration's list of times.
     """
     k = len(timed_calls)
