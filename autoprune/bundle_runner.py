@@ -416,9 +416,9 @@ def run_protocol(
                 and rel_iqr(times[i]) > target_rel_iqr
                 and median_rel_se(times[i]) > target_rel_se
             ]
-            stop_all = lockstep and (out_of_time or not going
-                                     or any(len(times[i]) >= max_runs for i in active))
-            active = [] if stop_all else active if lockstep else going
+            # in lockstep every active configuration has as many runs as the others, so
+            # out of time or at max_runs all of them leave ``going``: stop when none is left
+            active = (active if going else []) if lockstep else going
     return times
 
 
