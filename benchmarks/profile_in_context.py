@@ -10,12 +10,19 @@ layer (the difference grows with the layer's weight bytes, at every input size).
 
     python benchmarks/profile_in_context.py --model resnet18 --size 64
     python benchmarks/profile_in_context.py --model mobilenet_v2 --size 224 --keep 0.6 --alignment 16
+    python benchmarks/profile_in_context.py --model regnet_x_400mf --size 64 \
+        --plan runs/bp64/tables/DEVICE/predictor_RegNet_HASH.csv:30 --table runs/bp64/tables/DEVICE
+
+``--plan CSV:ROW`` profiles a plan a ``bench_predictor.py`` campaign measured (row ROW of its
+dataset, which also gives the plan's measured latency); ``--table DIR`` adds the latency
+table's price of every layer (un-profiled, in-context share), so the per-node columns can be
+set against what the table says.
 
 The profiler inflates small runs, so compare the two columns with each other, not with
 un-profiled timings (and repeat: on a shared VM the whole-model column moves between runs).
 Convolution nodes are paired with the model's conv layers by the module path in the exported
 node names; a conv fused with the activation after it is named after that activation by the
-runtime and is left out.
+runtime and is paired with the conv it follows in the same block (``f.a.0`` with ``f.a.2``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,27 @@ def conv_node_ms(onnx_model: bytes, runs: int) -> dict[str, float]:
     return {k: ms for k, (op, ms) in node_ms(onnx_model, runs).items() if "Conv" in op}
 
 
+def pair_convs(conv_names: list[str], whole: dict[str, float]) -> dict[str, float]:
+    """Whole-model ms per conv layer: a node named after the layer, else (a conv fused with the
+    activation after it) the node named after the next sibling module in the same block that is
+    not itself a conv layer (``f.a.2`` for ``f.a.0``)."""
+    out: dict[str, float] = {}
+    convs = set(conv_names)
+    for name in conv_names:
+        if name in whole:
+            out[name] = whole[name]
+            continue
+        parent, _, idx = name.rpartition(".")
+        if not idx.isdigit():
+            continue
+        later = [(int(k.rpartition(".")[2]), k) for k in whole
+                 if k.rpartition(".")[0] == parent and k.rpartition(".")[2].isdigit()
+                 and int(k.rpartition(".")[2]) > int(idx) and k not in convs]
+        if later:
+            out[name] = whole[min(later)[1]]
+    return out
+
+
 def by_op(nodes: dict[str, tuple[str, float]]) -> collections.Counter[str]:
     out: collections.Counter[str] = collections.Counter()
     for op, ms in nodes.values():
@@ -74,7 +102,11 @@ def main() -> None:
                    help="a uniform plan at this keep ratio (1.0: the dense model)")
     p.add_argument("--alignment", type=int, default=1,
                    help="the uniform plan's width step (1: widths not snapped)")
+    p.add_argument("--plan", default=None, metavar="CSV:ROW",
+                   help="a measured plan from a bench_predictor dataset CSV (overrides --keep)")
+    p.add_argument("--table", default=None, help="a latency-table directory to price layers with")
     args = p.parse_args()
+    import pandas as pd
     import torch
 
     from autoprune import zoo
@@ -89,30 +121,45 @@ def main() -> None:
     model = zoo.torchvision_model(args.model, num_classes=10).eval()
     x = torch.randn(1, 3, args.size, args.size)
     spec = analyze(model, (x,))
-    if args.keep < 1.0:
+    label = f"keep {args.keep} (step {args.alignment})"
+    plan = None
+    if args.plan:
+        csv, _, row = args.plan.rpartition(":")
+        r = pd.read_csv(csv).iloc[int(row)]
+        plan = PruningPlan.from_json(r["plan_json"])
+        label = (f"plan {args.plan} ({r['kind']}, measured {r['latency_ms']:.3f} ms, "
+                 f"table sum {r['table_ms']:.3f} ms)")
+    elif args.keep < 1.0:
         plan = PruningPlan.uniform(spec, args.keep, alignment=args.alignment)
+    if plan is not None:
         model = apply_plan(model, plan, (x,), spec=spec).eval()
         spec = analyze(model, (x,))
+    table = None
+    if args.table:
+        from autoprune.latency import LatencyTable
+
+        table = LatencyTable.load(args.table)
     convs = [(n, lay) for n, lay in spec.layers.items()
              if lay.spec.op in (OpKind.CONV2D, OpKind.DWCONV2D)]
     whole_nodes = node_ms(to_onnx(model, (x,)), args.runs)
-    whole = {module_path(k): ms for k, (op, ms) in whole_nodes.items() if "Conv" in op}
+    whole = pair_convs([n for n, _ in convs],
+                       {module_path(k): ms for k, (op, ms) in whole_nodes.items()})
     micro_ops: collections.Counter[str] = collections.Counter()
     for lay in spec.layers.values():  # every layer's micro-model, all its nodes
         micro, inputs = build_micro_model(lay.spec, Structure.NONE, 1.0)
         micro_ops.update(by_op(node_ms(to_onnx(micro, inputs), args.runs)))
     whole_ops = by_op(whole_nodes)
-    print(f"{args.model} at {args.size}², keep {args.keep} (step {args.alignment}), profiled, "
-          "ms per run by op type\n")
+    print(f"{args.model} at {args.size}², {label}, profiled, ms per run by op type\n")
     print("| op | whole model | sum of its layers' micro-models |")
     print("|---|---|---|")
     for op in sorted(set(whole_ops) | set(micro_ops), key=lambda o: -micro_ops[o]):
         print(f"| {op} | {whole_ops[op]:.3f} | {micro_ops[op]:.3f} |")
     print(f"| all nodes | {sum(whole_ops.values()):.3f} | {sum(micro_ops.values()):.3f} |\n")
     print("ms per convolution node\n")
-    print("| layer | weights (MB) | alone | in the whole model | difference |")
-    print("|---|---|---|---|---|")
-    tot_alone = tot_whole = 0.0
+    print("| layer | in → out (groups) | weights (MB) | alone | in the whole model | difference |"
+          + (" table (un-profiled) |" if table else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if table else ""))
+    tot_alone = tot_whole = tot_table = 0.0
     for name, lay in convs:
         if name not in whole:
             continue
@@ -121,9 +168,16 @@ def main() -> None:
         w = whole[name]
         tot_alone += alone
         tot_whole += w
-        print(f"| {name} | {lay.spec.params * 4 / 1e6:.2f} | {alone:.3f} | {w:.3f} | "
-              f"{w - alone:+.3f} |")
-    print(f"| all paired | | {tot_alone:.3f} | {tot_whole:.3f} | {tot_whole - tot_alone:+.3f} |")
+        sp = lay.spec
+        cell = ""
+        if table is not None:
+            t = table.lookup(sp, policy="interpolate")
+            tot_table += t
+            cell = f" {t:.3f} |"
+        print(f"| {name} | {sp.in_channels} → {sp.out_channels} ({sp.groups}) | "
+              f"{sp.params * 4 / 1e6:.2f} | {alone:.3f} | {w:.3f} | {w - alone:+.3f} |{cell}")
+    print(f"| all paired | | | {tot_alone:.3f} | {tot_whole:.3f} | {tot_whole - tot_alone:+.3f} |"
+          + (f" {tot_table:.3f} |" if table else ""))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ curve is convex and never negative, and plans pay only what their micro-models d
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -130,6 +132,45 @@ def test_the_fast_path_features_split_time_and_streaming_by_kernel_path():
     assert unaligned["stream_ms"] > 0
     assert unaligned["stream_ms_fast"] < 0.02 * unaligned["stream_ms"]
     assert unaligned["table_ms_fast"] < 0.1 * unaligned["table_ms"]
+
+
+@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
+def test_the_miss_ramps_follow_the_devices_knee_and_split_by_kernel_path():
+    import torch
+
+    from autoprune.latency._featurize import MISS_FEATURES, MISS_RAMPS
+    from autoprune.zoo import torchvision_model
+
+    model = torchvision_model("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    spec = ap.analyze(model, (x,))
+    device = ap.get_backend("synthetic", protocol=ProtocolSettings.quick())
+    curve = _hinge_curve()
+    rules = KernelRules(in_step=4, in_penalty=1.5, weight_stream=curve)
+    table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
+                       kernel_rules=rules)
+    plans = [PruningPlan.dense(spec), PruningPlan.uniform(spec, 0.9),
+             *(PruningPlan.uniform(spec, k, alignment=16) for k in (0.3, 0.45, 0.6))]
+    frame = PlanFeaturizer(spec, table).frame(plans)
+    knee = curve.knee_mb
+    assert math.isfinite(knee)
+    total = frame["params_m"] * 4  # at 64² every weight of resnet18 is read
+    for i, (lo, hi) in enumerate(MISS_RAMPS, start=1):
+        share = np.clip((total - lo * knee) / ((hi - lo) * knee), 0, 1)
+        np.testing.assert_allclose(frame[f"miss{i}_mb_fast"] + frame[f"miss{i}_mb_off"],
+                                   total * share, rtol=1e-6, atol=1e-9)
+    dense, unaligned = frame.iloc[0], frame.iloc[1]
+    assert dense["miss1_mb_off"] == 0.0 and dense["miss1_mb_fast"] == pytest.approx(
+        dense["params_m"] * 4, rel=1e-6)  # far past every ramp, all on the fast path
+    assert unaligned["miss1_mb_off"] > 10 * unaligned["miss1_mb_fast"]
+    # the ramps differ where a model's weights sit between their ends: smaller plans miss less
+    shares = frame[[f"miss{i}_mb_fast" for i in (1, 2, 3)]].to_numpy() / total.to_numpy()[:, None]
+    assert np.all(np.diff(shares, axis=1) <= 1e-9)  # a later ramp never misses more
+    assert len({tuple(r) for r in np.round(shares[2:], 6)}) == 3
+    # no weight-streaming probe on the device: the ramps are 0, not a guess
+    bare = ap.profile(model, x, device, spec=spec, root=False, progress=False,
+                      kernel_rules=KernelRules(in_step=4, in_penalty=1.5))
+    assert np.all(PlanFeaturizer(spec, bare).frame(plans)[list(MISS_FEATURES)].to_numpy() == 0)
 
 
 def test_a_conv_reads_only_the_taps_that_meet_its_input():

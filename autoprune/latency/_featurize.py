@@ -8,6 +8,7 @@ units per group, ``layer_arrays`` into per-layer (in, out) widths, structures an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,12 +193,22 @@ REGIME_FEATURES = ("table_ms_off", "off_act_m", "table_ms_fast")
 #: read by layers on the fast path (the blocked kernels stall on weights fetched from beyond
 #: the cache; the other path packs them and hides most of it)
 MEMORY_FEATURES = ("stream_ms", "stream_ms_fast")
+#: ramps of the share of a whole model's weight reads that miss the cache, as fractions of the
+#: device's measured knee (``WeightStream.knee_mb``): each ramp rises from 0 at ``lo``·knee to
+#: 1 at ``hi``·knee of the model's total weights read. A non-negative sum of the three is any
+#: non-decreasing miss curve, so the linear model learns where misses start in a whole model
+#: (earlier than in the probe's chain of 1x1 convs: on the Zen 2 VM at 64² whole models pay from
+#: about 5 MB, the chain from about 10 MB; BENCHMARKS.md, "Where whole models start to miss")
+MISS_RAMPS: tuple[tuple[float, float], ...] = ((1 / 6, 2 / 3), (1 / 3, 1.0), (2 / 3, 5 / 3))
+#: per ramp, the weights (MB) read by fast-path and by other layers times the ramp's miss share
+MISS_FEATURES = tuple(f"miss{i}_mb_{path}" for i in range(1, len(MISS_RAMPS) + 1)
+                      for path in ("fast", "off"))
 #: version of the features' definitions, stored with every fitted dataset: a dataset whose
 #: features an earlier definition computed is refitted on features computed now (its
 #: measurements stay valid). 2 (2026-12-03): ``stream_ms`` from the weights a forward pass reads
 #: (``LayerSpec.touched_params``), not every weight. 3 (2026-12-03): ``table_ms_fast`` and
-#: ``stream_ms_fast``
-FEATURES_VERSION = 3
+#: ``stream_ms_fast``. 4 (2026-12-03): ``MISS_FEATURES``
+FEATURES_VERSION = 4
 #: extra features of the non-monotone regressor
 FREE_FEATURES = ("misaligned_share", "misaligned_table_ms", "blocks_removed")
 
@@ -230,7 +241,7 @@ class PlanFeaturizer:
         self._cache: dict[tuple[int, int, int, int, float], tuple[float, ...]] = {}
         names = ["table_ms", *(f"table_ms_{k}" for k in self.kinds), "table_ms_masked",
                  "table_ms_sq", "table_ms_sqrt", "macs_m", "params_m", "act_m", "n_layers",
-                 *REGIME_FEATURES, *MEMORY_FEATURES]
+                 *REGIME_FEATURES, *MEMORY_FEATURES, *MISS_FEATURES]
         self.names: list[str] = names + (list(FREE_FEATURES) if free else [])
 
     def frame(self, plans: Sequence[PruningPlan]) -> Any:
@@ -274,6 +285,12 @@ class PlanFeaturizer:
         fast_mb = (read_mb * (1.0 - off)).sum(axis=1)
         cols.append(streamed)
         cols.append(streamed * fast_mb / np.maximum(read_mb.sum(axis=1), 1e-12))
+        total_mb = read_mb.sum(axis=1)
+        knee = stream.knee_mb if stream is not None else math.inf
+        for lo, hi in MISS_RAMPS:
+            share = (np.clip((total_mb - lo * knee) / ((hi - lo) * knee), 0.0, 1.0)
+                     if math.isfinite(knee) else np.zeros(n_p))
+            cols += [fast_mb * share, (total_mb - fast_mb) * share]
         if self.free:
             mis = ((cout % self.alignment) != 0) & present
             cols.append(mis.sum(axis=1) / np.maximum(1, present.sum(axis=1)))
