@@ -73,6 +73,9 @@ def main() -> None:
                 m = accuracy_metrics(meas[sel], y[sel])
                 cells.append(f"{kind or 'all'} {100 * m['within_5pct']:.0f}/"
                              f"{100 * m['within_10pct']:.0f}%")
+            lo, hi = pred.interval_ratio_
+            cover = np.mean((meas >= y * lo) & (meas <= y * hi))
+            cells.append(f"band x{lo:.2f}-x{hi:.2f} covers {100 * cover:.0f}%")
             print(f"{r['model']:16s} {reg:8s} (chose {pred.regressor_}): " + ", ".join(cells),
                   flush=True)
         train = pd.read_csv(csv)

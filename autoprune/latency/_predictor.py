@@ -483,12 +483,15 @@ class LatencyPredictor:
                 f"{int(hold.sum())} held out); raise n_samples (now {self.n_samples})"
             )
         x = rows[self.feature_names_].to_numpy(float)
-        name, cv, oof = self._choose(x[train], y[train])
+        kinds = rows["kind"].astype(str).to_numpy() if "kind" in rows.columns else None
+        anchor = (kinds == "dense")[train] if kinds is not None else np.zeros(train.sum(), bool)
+        name, cv, oof = self._choose(x[train], y[train], anchor)
         self.cv_scores_ = cv
         self.regressor_ = name
         self.model_ = self._make(name).fit(x[train], y[train])
         # the band: quantiles of measured / predicted over out-of-fold training predictions
-        ratio = y[train] / np.maximum(oof, 1e-12)
+        # (the dense plan, in every fold's training part, has no out-of-fold prediction)
+        ratio = y[train][~anchor] / np.maximum(oof[~anchor], 1e-12)
         tail = (1.0 - float(self.interval)) / 2
         self.interval_ratio_ = (float(np.quantile(ratio, tail)),
                                 float(np.quantile(ratio, 1 - tail)))
@@ -543,9 +546,15 @@ class LatencyPredictor:
     def _make(self, name: str) -> Any:
         return make_regressor(name, self.random_state, self.feature_names_.index("table_ms"))
 
-    def _choose(self, x: np.ndarray, y: np.ndarray
+    def _choose(self, x: np.ndarray, y: np.ndarray, anchor: np.ndarray
                 ) -> tuple[str, dict[str, float], np.ndarray]:
-        """(regressor name, CV score per candidate, out-of-fold predictions of the chosen)."""
+        """(regressor name, CV score per candidate, out-of-fold predictions of the chosen).
+
+        ``anchor`` rows (the dense plan) are in every fold's training part, as in every real
+        fit: the dense model reads the most weights of any plan, so a fold without it would
+        score extrapolations along the weight features that no prediction makes (on the Zen 5
+        VM's quickstart the dense plan left out was predicted 8x its latency, and the band's
+        low end fell to 0.18x the prediction). Their out-of-fold entries are NaN."""
         from sklearn.model_selection import KFold
 
         reg = Regressor(self.regressor)
@@ -553,16 +562,19 @@ class LatencyPredictor:
             names = [reg.value]
         else:
             names = ["linear", "boosted"] + ([] if self.monotone else ["gbr"])
-        folds = min(int(self.cv_folds), len(y))
+        rest = np.flatnonzero(~anchor)
+        fixed = np.flatnonzero(anchor)
+        folds = min(int(self.cv_folds), len(rest))
         kf = KFold(n_splits=folds, shuffle=True, random_state=self.random_state)
         scores: dict[str, float] = {}
         oof: dict[str, np.ndarray] = {}
         for name in names:
-            pred = np.empty(len(y))
-            for tr, te in kf.split(x):
+            pred = np.full(len(y), np.nan)
+            for tr, te in kf.split(rest):
+                tr, te = np.concatenate([fixed, rest[tr]]), rest[te]
                 m = self._make(name).fit(x[tr], y[tr])
                 pred[te] = self._floored(m.predict(x[te]), x[te])
-            rel = np.abs(pred - y) / y
+            rel = (np.abs(pred - y) / y)[rest]
             # share within 10% first, mean error breaks ties
             scores[name] = float(np.mean(rel <= 0.10) - 0.01 * np.mean(rel))
             oof[name] = pred
