@@ -35,14 +35,17 @@ import numpy as np
 
 def module_path(node_name: str) -> str:
     """The dotted module path of an exported node (``/layer2/layer2.0/downsample/downsample.0/
-    Conv`` -> ``layer2.0.downsample.0``): scope segments, a child of a container named
-    ``<container>.<index>``."""
+    Conv`` -> ``layer2.0.downsample.0``, ``/features/features.1/features.1.0/block/block.0/
+    block.0.0/Conv`` -> ``features.1.0.block.0.0``): scope segments, where an indexed child's
+    segment is its parent's segment plus ``.<index>``."""
     parts: list[str] = []
+    prev = ""
     for seg in [s for s in node_name.split("/")[:-1] if s]:
-        if parts and seg.startswith(parts[-1].rsplit(".", 1)[-1] + "."):
-            parts[-1] = parts[-1][: len(parts[-1]) - len(parts[-1].rsplit(".", 1)[-1])] + seg
+        if parts and prev and seg.startswith(prev + "."):
+            parts[-1] += seg[len(prev):]
         else:
             parts.append(seg)
+        prev = seg
     return ".".join(parts)
 
 
