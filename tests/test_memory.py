@@ -4,6 +4,7 @@ curve is convex and never negative, and plans pay only what their micro-models d
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -106,19 +107,28 @@ def test_the_dense_resnet18_streams_and_a_small_plan_does_not():
     assert stream[32] == pytest.approx(0.029 * (17.0 - 16), abs=0.01)
 
 
-@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
-def test_the_fast_path_features_split_time_and_streaming_by_kernel_path():
+@pytest.fixture(scope="module")
+def r18_64_on_rules():
+    """resnet18 at 64² profiled on a synthetic device whose rules have an input step of 4 and
+    the hinge weight-streaming curve: (model, input, spec, device, table)."""
     import torch
 
     from autoprune.zoo import torchvision_model
 
     model = torchvision_model("resnet18", num_classes=10).eval()
     x = torch.randn(1, 3, 64, 64)
-    spec = ap.analyze(model, (x,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="analyze", category=UserWarning)
+        spec = ap.analyze(model, (x,))
     device = ap.get_backend("synthetic", protocol=ProtocolSettings.quick())
     rules = KernelRules(in_step=4, in_penalty=1.5, weight_stream=_hinge_curve())
     table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
                        kernel_rules=rules)
+    return model, x, spec, device, table
+
+
+def test_the_fast_path_features_split_time_and_streaming_by_kernel_path(r18_64_on_rules):
+    _, _, spec, _, table = r18_64_on_rules
     # keep 0.9 unaligned: 58, 115, 230, 461 channels, every input off the step of 4 but the
     # stem's 3; still about 36 MB of weights, past the 16 MB knee
     plans = [PruningPlan.dense(spec), PruningPlan.uniform(spec, 0.9)]
@@ -135,20 +145,11 @@ def test_the_fast_path_features_split_time_and_streaming_by_kernel_path():
 
 
 @pytest.mark.filterwarnings("ignore:analyze:UserWarning")
-def test_the_miss_ramps_follow_the_devices_knee_and_split_by_kernel_path():
-    import torch
-
+def test_the_miss_ramps_follow_the_devices_knee_and_split_by_kernel_path(r18_64_on_rules):
     from autoprune.latency._featurize import MISS_FEATURES, MISS_RAMPS
-    from autoprune.zoo import torchvision_model
 
-    model = torchvision_model("resnet18", num_classes=10).eval()
-    x = torch.randn(1, 3, 64, 64)
-    spec = ap.analyze(model, (x,))
-    device = ap.get_backend("synthetic", protocol=ProtocolSettings.quick())
-    curve = _hinge_curve()
-    rules = KernelRules(in_step=4, in_penalty=1.5, weight_stream=curve)
-    table = ap.profile(model, x, device, spec=spec, root=False, progress=False,
-                       kernel_rules=rules)
+    model, x, spec, device, table = r18_64_on_rules
+    curve = table.kernel_rules.weight_stream
     plans = [PruningPlan.dense(spec), PruningPlan.uniform(spec, 0.9),
              *(PruningPlan.uniform(spec, k, alignment=16) for k in (0.3, 0.45, 0.6))]
     frame = PlanFeaturizer(spec, table).frame(plans)
