@@ -483,8 +483,7 @@ class LatencyPredictor:
                 f"{int(hold.sum())} held out); raise n_samples (now {self.n_samples})"
             )
         x = rows[self.feature_names_].to_numpy(float)
-        kinds = rows["kind"].astype(str).to_numpy() if "kind" in rows.columns else None
-        anchor = (kinds == "dense")[train] if kinds is not None else np.zeros(train.sum(), bool)
+        anchor = (rows["kind"].astype(str).to_numpy() == "dense")[train]
         name, cv, oof = self._choose(x[train], y[train], anchor)
         self.cv_scores_ = cv
         self.regressor_ = name
