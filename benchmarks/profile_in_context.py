@@ -63,27 +63,24 @@ def node_ms(onnx_model: bytes, runs: int) -> dict[str, tuple[str, float]]:
     return {k: (ops[k], float(np.median(v[-runs:])) / 1000) for k, v in per.items()}
 
 
-def conv_node_ms(onnx_model: bytes, runs: int) -> dict[str, float]:
-    """Median kernel time (ms) of every convolution node, by the node's name."""
-    return {k: ms for k, (op, ms) in node_ms(onnx_model, runs).items() if "Conv" in op}
-
-
 def pair_convs(conv_names: list[str], whole: dict[str, float]) -> dict[str, float]:
     """Whole-model ms per conv layer: a node named after the layer, else (a conv fused with the
     activation after it) the node named after the next sibling module in the same block that is
     not itself a conv layer (``f.a.2`` for ``f.a.0``)."""
     out: dict[str, float] = {}
     convs = set(conv_names)
+    # the indexed non-conv nodes of each block: parent path -> [(index, node path)]
+    siblings: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
+    for k in whole:
+        parent, _, idx = k.rpartition(".")
+        if idx.isdigit() and k not in convs:
+            siblings[parent].append((int(idx), k))
     for name in conv_names:
         if name in whole:
             out[name] = whole[name]
             continue
         parent, _, idx = name.rpartition(".")
-        if not idx.isdigit():
-            continue
-        later = [(int(k.rpartition(".")[2]), k) for k in whole
-                 if k.rpartition(".")[0] == parent and k.rpartition(".")[2].isdigit()
-                 and int(k.rpartition(".")[2]) > int(idx) and k not in convs]
+        later = [s for s in siblings.get(parent, []) if idx.isdigit() and s[0] > int(idx)]
         if later:
             out[name] = whole[min(later)[1]]
     return out
@@ -147,10 +144,13 @@ def main() -> None:
     whole_nodes = node_ms(to_onnx(model, (x,)), args.runs)
     whole = pair_convs([n for n, _ in convs],
                        {module_path(k): ms for k, (op, ms) in whole_nodes.items()})
-    micro_ops: collections.Counter[str] = collections.Counter()
-    for lay in spec.layers.values():  # every layer's micro-model, all its nodes
+    micro_nodes = {}  # every layer's micro-model, all its nodes, profiled once
+    for name, lay in spec.layers.items():
         micro, inputs = build_micro_model(lay.spec, Structure.NONE, 1.0)
-        micro_ops.update(by_op(node_ms(to_onnx(micro, inputs), args.runs)))
+        micro_nodes[name] = node_ms(to_onnx(micro, inputs), args.runs)
+    micro_ops: collections.Counter[str] = collections.Counter()
+    for nodes in micro_nodes.values():
+        micro_ops.update(by_op(nodes))
     whole_ops = by_op(whole_nodes)
     print(f"{args.model} at {args.size}², {label}, profiled, ms per run by op type\n")
     print("| op | whole model | sum of its layers' micro-models |")
@@ -166,8 +166,7 @@ def main() -> None:
     for name, lay in convs:
         if name not in whole:
             continue
-        micro, inputs = build_micro_model(lay.spec, Structure.NONE, 1.0)
-        alone = sum(conv_node_ms(to_onnx(micro, inputs), args.runs).values())
+        alone = sum(ms for op, ms in micro_nodes[name].values() if "Conv" in op)
         w = whole[name]
         tot_alone += alone
         tot_whole += w

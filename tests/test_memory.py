@@ -144,7 +144,6 @@ def test_the_fast_path_features_split_time_and_streaming_by_kernel_path(r18_64_o
     assert unaligned["table_ms_fast"] < 0.1 * unaligned["table_ms"]
 
 
-@pytest.mark.filterwarnings("ignore:analyze:UserWarning")
 def test_the_miss_ramps_follow_the_devices_knee_and_split_by_kernel_path(r18_64_on_rules):
     from autoprune.latency._featurize import MISS_FEATURES, MISS_RAMPS
 
