@@ -69,11 +69,23 @@ def _eval_plans(spec: Any, alignment: int, n_space: int, seed: int,
     return plans
 
 
+def _reference_rows(dataset: Any, n: int) -> Any:
+    """``n`` of the fit's measured plans (not the dense one) to time in every evaluation chunk
+    beside the dense model: the ones nearest the (i + 1) / (n + 1) quantiles of the fit's
+    latencies, so the references span light to heavy plans."""
+    rows = dataset[dataset["kind"] != "dense"].sort_values("latency_ms")
+    if n <= 0 or rows.empty:
+        return rows.iloc[:0]
+    idx = sorted({int(round(q * (len(rows) - 1))) for q in np.arange(1, n + 1) / (n + 1)})
+    return rows.iloc[idx]
+
+
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from autoprune._analyze import analyze
     from autoprune.backends import get_backend
     from autoprune.executor import apply_plan
     from autoprune.latency import LatencyPredictor, accuracy_metrics, profile
+    from autoprune.plan import PruningPlan
 
     model, x = _model(name, args.size)
     spec = analyze(model, x)
@@ -92,26 +104,38 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     plans = _eval_plans(spec, int(table.alignment or 1), args.n_space, args.seed,
                         group_step=int(getattr(table.kernel_rules, "group_step", 1) or 1))
     pruned_models = [apply_plan(model, p, x, spec=spec) for _, p in plans]
-    ratios = np.empty((args.repeats, len(plans)))
+    ref_rows = _reference_rows(pred.dataset_, args.refs)
+    ref_models = [apply_plan(model, PruningPlan.from_json(j), x, spec=spec)
+                  for j in ref_rows["plan_json"]]
+    ref_fit = np.r_[float(pred.dense_ms_), ref_rows["latency_ms"].to_numpy(float)]
+    ratios = np.empty((args.repeats, len(plans)))  # plan / dense in the chunk
+    scaled = np.empty((args.repeats, len(plans)))  # plan / the chunk's speed (all references)
     refs: list[float] = []
+    speeds: list[list[float]] = []  # per chunk: each reference now / at the fit
     chunk = 6
     for rep in range(args.repeats):  # each repeat in another order, so chunks differ
         order = np.random.default_rng(rep).permutation(len(plans))
         for start in range(0, len(plans), chunk):
             part = order[start:start + chunk]
             samples = backend.measure_interleaved(
-                [model, *(pruned_models[i] for i in part)], x)
+                [model, *ref_models, *(pruned_models[i] for i in part)], x)
             refs.append(samples[0].median_ms)
-            for i, s in zip(part, samples[1:]):
+            speed = np.array([s.median_ms for s in samples[:len(ref_fit)]]) / ref_fit
+            speeds.append(speed.tolist())
+            for i, s in zip(part, samples[len(ref_fit):]):
                 ratios[rep, i] = s.median_ms / samples[0].median_ms
-    measured = np.median(ratios, axis=0)
-    repeat_spread = (np.ptp(ratios, axis=0) / measured) if args.repeats > 1 else np.zeros(
-        len(plans))
+                scaled[rep, i] = s.median_ms / float(np.median(speed))
+    measured_dense = np.median(ratios, axis=0)
+    repeat_spread = (np.ptp(ratios, axis=0) / measured_dense) if args.repeats > 1 \
+        else np.zeros(len(plans))
     dense_ms = float(np.median(refs))
     # on the fit's scale: the predictor learnt plan / dense-in-chunk x the dense median of the
     # fit; the evaluation plans are put on the same scale, so machine drift between the fit and
-    # the evaluation (minutes apart) does not count as prediction error
-    measured *= float(pred.dense_ms_)
+    # the evaluation (minutes apart) does not count as prediction error. With --refs the
+    # chunk's speed is the median over the dense model and the reference plans of (now / at
+    # the fit), so a move of the dense model alone does not rescale every plan of the chunk
+    measured_dense *= float(pred.dense_ms_)
+    measured = np.median(scaled, axis=0) if len(ref_rows) else measured_dense
     plan_list = [p for _, p in plans]
     kinds = np.array([k for k, _ in plans])
     predicted = pred.predict_many(plan_list)
@@ -129,6 +153,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         }
         by_kind[kind]["interval_coverage"] = float(np.mean(
             (measured[sel] >= low[sel]) & (measured[sel] <= high[sel])))
+        by_kind[kind]["predictor_dense_anchor"] = accuracy_metrics(measured_dense[sel],
+                                                                   predicted[sel])
     dev = np.abs(np.asarray(refs) / dense_ms - 1.0)
     return {
         "model": name, "size": args.size, "layers": len(spec.layers),
@@ -145,13 +171,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "noise_floor": {"dense_repeats": [float(r) for r in refs],
                         "within_5pct": float(np.mean(dev <= 0.05)),
                         "within_10pct": float(np.mean(dev <= 0.10)),
-                        "max_dev": float(dev.max())},
+                        "max_dev": float(dev.max()),
+                        "reference_speeds": speeds,
+                        "reference_plans": [str(k) for k in ref_rows["kind"]]},
         "by_kind": by_kind,
         "plans": [{"kind": k, "measured_ms": float(m), "predicted_ms": float(p),
+                   "measured_dense_anchor_ms": float(md),
                    "low_ms": float(lo), "high_ms": float(hi), "table_sum_ms": float(t),
                    "slower_than_dense": bool(m > pred.dense_ms_)}
-                  for k, m, p, lo, hi, t in zip(kinds, measured, predicted, low, high,
-                                                table_sum)],
+                  for k, m, md, p, lo, hi, t in zip(kinds, measured, measured_dense, predicted,
+                                                    low, high, table_sum)],
     }
 
 
@@ -225,6 +254,19 @@ def _summary(results: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"all plans: {tot[1]}/{tot[2]} within ±10%, {tot[0]}/{tot[2]} within ±5%; "
                  + ", ".join(f"{k} {c[1]}/{c[2]} and {c[0]}/{c[2]}" for k, c in counts.items()))
+    anchored = [(p["predicted_ms"], p["measured_dense_anchor_ms"]) for r in results
+                for p in r["plans"] if "measured_dense_anchor_ms" in p]
+    if anchored and any(r["noise_floor"].get("reference_plans") for r in results):
+        err = [abs(pr / m - 1.0) for pr, m in anchored]
+        lines.append(f"the same plans on the dense model alone as the chunk's speed: "
+                     f"{sum(e <= 0.10 for e in err)}/{len(err)} within ±10%, "
+                     f"{sum(e <= 0.05 for e in err)}/{len(err)} within ±5%")
+        for r in results:
+            sp = np.asarray(r["noise_floor"]["reference_speeds"], float)
+            med = np.median(sp, axis=1)
+            lines.append(f"  {r['model']}: chunk speed (median of references, now / fit) "
+                         f"{med.min():.3f}-{med.max():.3f}; dense alone "
+                         f"{sp[:, 0].min():.3f}-{sp[:, 0].max():.3f}")
     return "\n".join(lines)
 
 
@@ -240,6 +282,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2,
                     help="times every evaluation plan is measured (in different chunks); "
                          "its measured ratio is the median")
+    ap.add_argument("--refs", type=int, default=2,
+                    help="fit plans timed in every evaluation chunk beside the dense model; "
+                         "the chunk's speed is the median of their (now / at the fit); 0: the "
+                         "dense model alone")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench_predictor")
